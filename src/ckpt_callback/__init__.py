@@ -1,0 +1,64 @@
+"""ckpt-callback: crash-safe, fast safetensors checkpoints for HF Trainer and plain PyTorch loops.
+
+Example:
+    >>> from ckpt_callback import CheckpointManager
+    >>> manager = CheckpointManager("memory://doc-init", keep_last=3)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    InvalidNameError,
+    SaveError,
+    SidecarError,
+    StorageError,
+)
+from ._hook import CheckpointHook
+from ._manager import CheckpointManager, CheckpointPage, CheckpointSummary, CheckpointWarning, VerifyResult
+from ._policy import RetentionPolicy, SavePolicy
+from ._sidecar import CheckpointInfo, FileEntry
+
+if TYPE_CHECKING:
+    from ._hf import CheckpointCallback
+
+__version__ = "0.1.0"
+
+# CheckpointCallback is public too, but left out of __all__ so that `from ckpt_callback import *`
+# works without transformers installed; `from ckpt_callback import CheckpointCallback` loads it.
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointHook",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointPage",
+    "CheckpointSummary",
+    "CheckpointWarning",
+    "CorruptCheckpointError",
+    "FileEntry",
+    "InvalidArgumentError",
+    "InvalidNameError",
+    "RetentionPolicy",
+    "SaveError",
+    "SavePolicy",
+    "SidecarError",
+    "StorageError",
+    "VerifyResult",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # CheckpointCallback imports transformers, so it is loaded only when asked for.
+    if name == "CheckpointCallback":
+        from ._hf import CheckpointCallback
+
+        return CheckpointCallback
+    raise AttributeError(f"module 'ckpt_callback' has no attribute {name!r}")

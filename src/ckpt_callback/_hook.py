@@ -1,0 +1,161 @@
+"""`CheckpointHook`: the plain PyTorch training loop adapter over `CheckpointManager`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ._errors import SaveError, StorageError
+from ._manager import CheckpointManager
+from ._policy import SavePolicy
+from ._sidecar import CheckpointInfo
+
+__all__ = ["CheckpointHook"]
+
+logger = logging.getLogger("ckpt_callback")
+
+
+class CheckpointHook:
+    """Checkpointing for a plain PyTorch loop: call `step` after each optimizer step.
+
+    Args:
+        root: a local folder or an fsspec URL; created if missing, and checked for writing now.
+        model: the module to save (DDP / compiled wrappers are unwrapped).
+        optimizer, scheduler: saved with RNG states so `resume` continues exactly.
+        every_n_steps: save an automatic checkpoint every N optimizer steps.
+        every_n_seconds: and/or every N seconds of wall time.
+        **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
+            storage_options, async_save, max_shard_size).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with CheckpointHook("memory://doc-hook", model, optimizer=opt, every_n_steps=2) as hook:
+        ...     for step in range(hook.resume() + 1, 5):
+        ...         loss = model(torch.ones(1, 2)).pow(2).mean()
+        ...         loss.backward(); opt.step(); opt.zero_grad()
+        ...         hook.step(step, loss=loss.item())
+        >>> [(i.name, i.type) for i in hook.manager.list(sort_by="step", order="asc")]
+        [('checkpoint-2', 'automatic'), ('checkpoint-4', 'final')]
+    """
+
+    def __init__(
+        self,
+        root: str,
+        model: torch.nn.Module,
+        *,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        every_n_steps: int | None = None,
+        every_n_seconds: float | None = None,
+        **manager_options: Any,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.policy = SavePolicy(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
+        self.manager = CheckpointManager(root, **manager_options)
+        if self.manager.writer:
+            self.manager.storage.check_writable()
+        self._step = 0
+        self._epoch: float | None = None
+        self._train_loss: float | None = None
+        self._saved_step: int | None = None
+        self._saved_time = time.monotonic()
+        self._pending_eval: dict[int, dict[str, Any]] = {}
+        self._ended = False
+
+    def __enter__(self) -> CheckpointHook:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None and not self._ended:
+            self.end()
+        else:
+            self.manager.close()
+
+    def resume(self, name: str = "latest") -> int:
+        """Restore the latest checkpoint (model, optimizer, scheduler, RNG) if any; return its step, else 0."""
+        if self.manager.latest() is None:
+            return 0
+        info = self.manager.restore(name, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self._step = self._saved_step = info.step
+        self._epoch = info.epoch
+        logger.info("resumed from %s (step %d)", info.name, info.step)
+        _barrier()
+        return info.step
+
+    def step(self, step: int, *, loss: float | None = None, epoch: float | None = None) -> CheckpointInfo | None:
+        """Record optimizer step ``step`` (steps done so far) and save if one is due.
+
+        A failed scheduled save is logged and training goes on; the next save tries again.
+        """
+        self._step, self._train_loss = step, loss
+        if epoch is not None:
+            self._epoch = epoch
+        if not self.policy.should_save(step, last_step=self._saved_step, last_time=self._saved_time,
+                                       now=time.monotonic()):
+            return None
+        try:
+            return self._save("automatic")
+        except (SaveError, StorageError) as exc:
+            logger.error("scheduled checkpoint at step %d was not saved: %s", step, exc)
+            return None
+
+    def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record an evaluation at ``step``; it is added to that step's checkpoint and counts for best."""
+        updated = self.manager.update_metrics(step, eval_loss=eval_loss, metrics=metrics)
+        if updated is None and (self._saved_step is None or step > self._saved_step):
+            # No checkpoint at this step yet: keep it for a save at the same step.
+            self._pending_eval[step] = {"eval_loss": eval_loss, "metrics": dict(metrics or {})}
+
+    def save(self, *, name: str | None = None, description: str | None = None) -> CheckpointInfo | None:
+        """Save a manual checkpoint now (kept by retention)."""
+        return self._save("manual", name=name, description=description)
+
+    def end(self) -> CheckpointInfo | None:
+        """Save the final checkpoint and wait for every save to be committed; raises if it fails."""
+        self._ended = True
+        try:
+            return self._save("final")
+        finally:
+            self.manager.close()
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until a background save is committed."""
+        return self.manager.wait()
+
+    def _save(self, type: str, *, name: str | None = None, description: str | None = None) -> CheckpointInfo | None:
+        pending = self._pending_eval.pop(self._step, {})
+        self._pending_eval = {s: v for s, v in self._pending_eval.items() if s > self._step}
+        try:
+            info = self.manager.save(
+                self.model,
+                step=self._step,
+                epoch=self._epoch,
+                train_loss=self._train_loss,
+                eval_loss=pending.get("eval_loss"),
+                metrics=pending.get("metrics"),
+                type=type,
+                name=name,
+                description=description,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                rng=True,
+            )
+        finally:
+            _barrier()
+        self._saved_step, self._saved_time = self._step, time.monotonic()
+        return info
+
+
+def _barrier() -> None:
+    """Keep ranks in step so none reads a checkpoint before it is committed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,352 @@
+"""All storage access: one fsspec filesystem object per root, and the commit protocol.
+
+Everything goes through ``fsspec.url_to_fs(root, **storage_options)``. A local root
+gets one deliberate fast path: a checkpoint is built in a hidden staging folder in
+the same root, each file fsynced, and renamed into place, because a local rename is
+atomic and an fsync is what makes "saved" mean "survives a power cut". On object
+stores, where rename is a copy, data objects are written in place first and the
+sidecar last; a folder without a sidecar is incomplete and invisible.
+
+Backend errors are translated here, in one place, into `StorageError` /
+`CheckpointNotFoundError`, with any credential from ``storage_options`` scrubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
+from ._sidecar import SIDECAR_NAME
+
+__all__ = ["STAGING_PREFIX", "Storage", "Transaction"]
+
+logger = logging.getLogger("ckpt_callback")
+
+STAGING_PREFIX = ".ckpt-staging-"
+_SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
+                   "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
+_TRANSIENT = (ConnectionError, TimeoutError)
+T = TypeVar("T")
+
+
+def _secrets(options: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found += _secrets(value)
+        elif isinstance(value, str) and len(value) >= 4 and key.lower() in _SECRET_OPTIONS:
+            found.append(value)
+    return found
+
+
+class Storage:
+    """A checkpoint root on any fsspec filesystem.
+
+    Paths given to methods are relative to the root (``"checkpoint-10/model.safetensors"``).
+
+    Example:
+        >>> s = Storage("memory://doc-example")
+        >>> s.write_bytes_atomic("a/x.json", b"{}")
+        >>> s.read_bytes("a/x.json")
+        b'{}'
+    """
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 *, retries: int = 3, backoff: float = 0.5) -> None:
+        self.url = os.fspath(root)
+        if not self.url:
+            raise StorageError("checkpoint root is empty; give a folder or an fsspec URL such as s3://bucket/run")
+        options = dict(storage_options or {})
+        self._secrets = _secrets(options)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(self._scrub(f"cannot open checkpoint root {self.url!r}: {exc}")) from exc
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = path.rstrip("/") if path not in ("/", "") else path
+        self.retries = retries
+        self.backoff = backoff
+
+    # --- paths and errors ----------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        """The full backend path of ``parts`` under the root."""
+        return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+    def display(self, *parts: str) -> str:
+        """A user-facing location (the root URL as given, plus ``parts``)."""
+        return "/".join([self.url.rstrip("/"), *parts])
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _call(self, what: str, rel: str, fn: Callable[[], T], *, write: bool = False) -> T:
+        """Run ``fn``, retrying transient failures with backoff, translating errors at one place.
+
+        A missing path is `CheckpointNotFoundError` when reading and `StorageError` when writing.
+        """
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except CheckpointError:
+                raise
+            except FileNotFoundError as exc:
+                if write:
+                    raise StorageError(self._scrub(f"{what} failed at {self.display(rel)}: {_describe(exc)}")) from exc
+                raise CheckpointNotFoundError(self._scrub(f"{what}: {self.display(rel)} does not exist")) from exc
+            except Exception as exc:
+                if attempt < self.retries and _is_transient(exc):
+                    delay = self.backoff * 2**attempt
+                    logger.warning("%s failed (%s), retrying in %.1fs", what, self._scrub(repr(exc)), delay)
+                    time.sleep(delay)
+                    continue
+                raise StorageError(self._scrub(f"{what} failed at {self.display(rel)}: {_describe(exc)}")) from exc
+        raise AssertionError("unreachable")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def exists(self, rel: str = "") -> bool:
+        return self._call("checking", rel, lambda: self.fs.exists(self.path(rel)))
+
+    def isdir(self, rel: str = "") -> bool:
+        return self._call("checking", rel, lambda: self.fs.isdir(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
+
+    @contextlib.contextmanager
+    def open_read(self, rel: str) -> Iterator[IO[bytes]]:
+        """A readable binary stream of ``rel`` (local: a plain file; remote: fsspec's buffered reader)."""
+        f = self._call("opening", rel, lambda: self.fs.open(self.path(rel), "rb", block_size=8 << 20))
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def size(self, rel: str) -> int:
+        return int(self._call("reading size of", rel, lambda: self.fs.size(self.path(rel))))
+
+    def list_dir(self, rel: str = "") -> list[tuple[str, str]]:
+        """``(name, "directory"|"file")`` of the children of ``rel``; empty when it does not exist."""
+        def ls() -> list[tuple[str, str]]:
+            try:
+                self.fs.invalidate_cache(self.path(rel))
+                entries = self.fs.ls(self.path(rel), detail=True)
+            except FileNotFoundError:
+                return []
+            base = self.path(rel).rstrip("/")
+            out = []
+            for e in entries:
+                name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                if e["name"].rstrip("/") == base:
+                    continue
+                out.append((name, "directory" if e.get("type") == "directory" else "file"))
+            return out
+        return self._call("listing", rel, ls)
+
+    def find_files(self, rel: str) -> list[str]:
+        """Every file below folder ``rel``, as paths relative to that folder, sorted."""
+        base = self.path(rel).rstrip("/") + "/"
+        found = self._call("listing", rel, lambda: self.fs.find(self.path(rel)))
+        return sorted(p[len(base):] for p in found if p.startswith(base))
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def makedirs(self, rel: str = "") -> None:
+        self._call("creating folder", rel, lambda: self.fs.makedirs(self.path(rel), exist_ok=True), write=True)
+
+    def check_writable(self) -> None:
+        """Create the root if needed and prove it can be written, with a clear error if not."""
+        probe = f"{STAGING_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.makedirs()
+            self.write_bytes_atomic(probe, b"ok")
+            self.remove(probe)
+        except StorageError as exc:
+            raise StorageError(f"checkpoint root {self.display()} cannot be written: {exc}") from exc
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` with ``data`` so a reader sees the old or the new bytes, never a part.
+
+        Local: write a temporary file, fsync, rename over. Object stores: one PUT is atomic.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            def local() -> None:
+                # Deliberate local fast path: os.replace is atomic, fsync makes it durable.
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                fsync_dir(os.path.dirname(target))
+            self._call("writing", rel, local, write=True)
+        else:
+            self._call("writing", rel, lambda: self.fs.pipe_file(target, data), write=True)
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        """A writable binary stream to ``rel``; on local disk the file is fsynced when it closes."""
+        target = self.path(rel)
+        if self.is_local:
+            def local_open() -> Any:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                return open(target, "wb", buffering=0)  # noqa: SIM115
+            f: Any = self._call("opening", rel, local_open, write=True)
+            try:
+                yield f
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise StorageError(f"writing failed at {self.display(rel)}: {_describe(exc)}") from exc
+            finally:
+                f.close()
+        else:
+            f = self._call("opening", rel, lambda: self.fs.open(target, "wb"), write=True)
+            try:
+                yield f
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    f.discard() if hasattr(f, "discard") else None
+                raise
+            self._call("uploading", rel, f.close, write=True)
+
+    def remove(self, rel: str) -> None:
+        """Remove one file; a missing one is fine."""
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(rel))
+        self._call("deleting", rel, rm)
+
+    def remove_tree(self, rel: str) -> None:
+        """Remove folder ``rel`` and all below it; a missing one is fine."""
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(rel), recursive=True)
+            self.fs.invalidate_cache(self.path(rel))
+        self._call("deleting", rel, rm)
+
+    def begin(self, name: str) -> Transaction:
+        """Start writing checkpoint ``name``; see `Transaction`."""
+        return Transaction(self, name)
+
+
+class Transaction:
+    """The files of one checkpoint being written; `commit` makes them visible at once.
+
+    Local: files go to ``ROOT/.ckpt-staging-NAME-HOST-PID-RAND/`` and the folder is renamed to
+    ``ROOT/NAME`` after the sidecar is in it. Object stores: files go to ``ROOT/NAME/`` and the
+    sidecar, written by `commit`, is the last object.
+    """
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+        if storage.is_local:
+            # Owner in the name, so a later cleanup can tell a crashed writer from a live one.
+            self.folder = f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}@{name}"
+        else:
+            self.folder = name
+            if storage.exists(name):  # leftovers of an earlier, never committed attempt
+                storage.remove_tree(name)
+        self.files: list[str] = []
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[IO[bytes]]:
+        self.files.append(rel)
+        with self.storage.open_write(f"{self.folder}/{rel}") as f:
+            yield f
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open(rel) as f:
+            f.write(data)
+
+    def commit(self, sidecar: bytes) -> None:
+        """Write the sidecar last, then (local) rename the staging folder into place."""
+        s = self.storage
+        if not s.is_local:
+            s.write_bytes_atomic(f"{self.folder}/{SIDECAR_NAME}", sidecar)
+            return
+        s.write_bytes_atomic(f"{self.folder}/{SIDECAR_NAME}", sidecar)
+        final = s.path(self.name)
+        staging = s.path(self.folder)
+
+        def rename() -> None:
+            if os.path.lexists(final):
+                if os.path.exists(os.path.join(final, SIDECAR_NAME)):
+                    raise FileExistsError(final)
+                _rmtree_local(final)  # an incomplete leftover of the same name
+            os.rename(staging, final)
+            fsync_dir(os.path.dirname(final))
+        s._call("committing", self.name, rename, write=True)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.storage.remove_tree(self.folder)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a local directory so a rename or new entry in it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rmtree_local(path: str) -> None:
+    import shutil  # local-only: removing an incomplete leftover before a rename
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_owner_alive(folder: str) -> bool:
+    """Whether a local staging folder belongs to a process still running on this host."""
+    try:
+        head, host, _ = folder[len(STAGING_PREFIX):].split("@", 2)
+        pid = int(head.rsplit("-", 1)[1])
+    except (ValueError, IndexError):
+        return False
+    if host != socket.gethostname():
+        return True  # cannot tell; leave other hosts' work alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = ("slowdown", "throttl", "too many requests", "503", "502", "500 internal", "504",
+               "connection reset", "connection refused", "timed out", "temporarily", "serviceunavailable",
+               "internalerror", "connectionclosed", "endpointconnectionerror", "connecttimeout")
+    return any(m in text for m in markers)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        return f"permission denied ({text})"
+    return f"{type(exc).__name__}: {text}"

@@ -1,0 +1,348 @@
+"""The storage contract: every test here runs unchanged on each backend of the ``root`` fixture."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import fsspec
+import pytest
+import torch
+
+from ckpt_callback import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    InvalidNameError,
+    SaveError,
+    StorageError,
+)
+
+
+def state(value: float = 1.0) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 4), value), "b": torch.arange(4)}
+
+
+def fs_of(root: str):
+    return fsspec.core.url_to_fs(root)
+
+
+def folders(root: str) -> set[str]:
+    fs, path = fs_of(root)
+    return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+
+
+def test_save_writes_weights_and_sidecar_last(root):
+    m = CheckpointManager(root)
+    info = m.save(state(), step=500, epoch=1.5, train_loss=0.7, metrics={"acc": 0.5})
+    fs, path = fs_of(root)
+    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{path}/checkpoint-500", detail=False))
+    assert files == ["checkpoint.json", "model.safetensors"]
+    sidecar = json.loads(fs.cat_file(f"{path}/checkpoint-500/checkpoint.json"))
+    assert sidecar["name"] == "checkpoint-500" and sidecar["step"] == 500 and sidecar["type"] == "automatic"
+    assert sidecar["trainLoss"] == 0.7 and sidecar["evalLoss"] is None and sidecar["metrics"] == {"acc": 0.5}
+    assert sidecar["size"] == sum(f["size"] for f in sidecar["files"]) == fs.size(f"{path}/checkpoint-500/model.safetensors")
+    assert info.id == sidecar["id"] and m.get("checkpoint-500") == info
+    assert folders(root) == {"checkpoint-500"}  # no staging leftovers
+
+
+def test_load_round_trips_tied_weights(root, tiny_net):
+    m = CheckpointManager(root)
+    m.save(tiny_net, step=1)
+    loaded = m.load("checkpoint-1")
+    expected = tiny_net.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert loaded["head.weight"] is loaded["embed.weight"]
+
+
+def test_retention_keeps_newest_best_manual_final(root):
+    m = CheckpointManager(root, keep_last=2)
+    losses = {100: 0.9, 200: 0.2, 300: 0.8, 400: 0.7, 500: 0.6}
+    for step, loss in losses.items():
+        m.save(state(step), step=step, eval_loss=loss)
+        if step == 300:
+            m.save(state(), step=step, type="manual", name="before-lr-drop", description="hand-made")
+    m.save(state(), step=600, type="final")
+    types = {i.name: i.type for i in m.list()}
+    assert types == {"checkpoint-200": "best", "before-lr-drop": "manual", "checkpoint-400": "automatic",
+                     "checkpoint-500": "automatic", "checkpoint-600": "final"}
+    assert folders(root) == set(types)
+    assert m.best().name == "checkpoint-200" and m.get("final").name == "checkpoint-600"
+    assert m.get("latest").name == "checkpoint-600"
+
+
+def test_best_tag_moves_when_a_better_one_arrives_and_survives_restart(root):
+    m = CheckpointManager(root, keep_last=1)
+    m.save(state(), step=1, eval_loss=0.5)
+    m.save(state(), step=2, eval_loss=0.4)
+    assert [(i.name, i.type) for i in m.list(sort_by="step", order="asc")] == [("checkpoint-2", "best")]
+    again = CheckpointManager(root, keep_last=1)  # a restarted run rebuilds its view from storage
+    again.save(state(), step=3, eval_loss=0.6)
+    again.save(state(), step=4, eval_loss=0.7)
+    assert {i.name: i.type for i in again.list()} == {"checkpoint-2": "best", "checkpoint-4": "automatic"}
+
+
+def test_metrics_after_save_update_the_sidecar_and_count_for_best(root):
+    m = CheckpointManager(root, keep_last=5)
+    first = m.save(state(), step=10, train_loss=1.0)
+    m.save(state(), step=20, train_loss=0.9, eval_loss=0.5)
+    updated = m.update_metrics(10, eval_loss=0.1, metrics={"accuracy": 0.9})
+    assert updated.eval_loss == 0.1 and updated.metrics == {"accuracy": 0.9} and updated.train_loss == 1.0
+    assert updated.updated_at > first.updated_at and updated.created_at == first.created_at
+    assert m.get("checkpoint-10").type == "best" and m.get("checkpoint-20").type == "automatic"
+    assert m.update_metrics(15, eval_loss=0.01) is None
+
+
+def test_final_at_a_saved_step_retags_instead_of_writing_twice(root):
+    m = CheckpointManager(root)
+    first = m.save(state(), step=50)
+    final = m.save(state(), step=50, type="final")
+    assert final.type == "final" and final.id == first.id and len(m.list()) == 1
+
+
+def test_explicit_name_taken_raises(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1, type="manual", name="keep-me")
+    with pytest.raises(CheckpointExistsError, match="keep-me"):
+        m.save(state(), step=2, type="manual", name="keep-me")
+
+
+def test_list_sorting_and_pagination_walk_every_checkpoint_once(root):
+    m = CheckpointManager(root, keep_last=None)
+    losses = [0.5, 0.3, None, 0.9, 0.3, 0.1, None, 0.7]
+    for step, loss in enumerate(losses, start=1):
+        m.save(state(), step=step * 10, eval_loss=loss, train_loss=1.0 / step, metrics={"acc": step % 3})
+    for key in ["createdAt", "step", "evalLoss", "trainLoss", "acc", "epoch", "name"]:
+        for order in ["asc", "desc"]:
+            full = [i.name for i in m.list(sort_by=key, order=order)]
+            walked, after = [], None
+            while True:
+                page = m.list(sort_by=key, order=order, limit=3, after=after)
+                walked += [i.name for i in page]
+                assert page.total_count == 8
+                if not page.has_more:
+                    break
+                after = page.last_id
+            assert walked == full and len(set(walked)) == 8, (key, order)
+    by_loss = [i.eval_loss for i in m.list(sort_by="evalLoss", order="asc")]
+    assert by_loss[:6] == [0.1, 0.3, 0.3, 0.5, 0.7, 0.9] and by_loss[6:] == [None, None]
+    page = m.list(sort_by="step", order="asc", limit=2)
+    assert (page.first_id, page.last_id) == (page.data[0].id, page.data[1].id)
+    assert page.summary.best.eval_loss == 0.1 and page.summary.latest.step == 80
+    assert page.summary.total_size == sum(i.size for i in m.list())
+    body = page.to_json()
+    assert body["object"] == "list" and body["totalCount"] == 8 and body["has_more"] is True
+    assert set(body["summary"]) == {"bestCheckpoint", "latestCheckpoint", "totalSize"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"sort_by": "bogus"}, "cannot sort by 'bogus'"), ({"order": "up"}, "order"), ({"limit": 0}, "limit"),
+     ({"limit": 101}, "limit"), ({"type": "weird"}, "type"), ({"after": "no-such-id"}, "no-such-id")],
+)
+def test_list_rejects_bad_arguments(root, kwargs, message):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    with pytest.raises(CheckpointError, match=message):
+        m.list(**kwargs)
+
+
+def test_list_filters_by_type(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    m.save(state(), step=2, type="manual", name="m")
+    assert [i.name for i in m.list(type="manual")] == ["m"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "", "latest", "best", "final", "../../etc"])
+def test_bad_names_are_refused(root, name):
+    with pytest.raises(InvalidNameError):
+        CheckpointManager(root).save(state(), step=1, type="manual", name=name)
+
+
+def test_unknown_names(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    for name in ["nope", "best", "final"]:
+        with pytest.raises(CheckpointNotFoundError, match=name):
+            m.get(name)
+    with pytest.raises(CheckpointNotFoundError):
+        m.load("nope")
+    assert m.get(m.get("latest").id).name == "checkpoint-1"  # ids work as names
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    m = CheckpointManager(str(tmp_path / "never-created"))
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        m.list()
+    assert m.latest() is None
+
+
+def test_unwritable_root_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    m = CheckpointManager(str(blocker / "sub"))
+    with pytest.raises(StorageError, match="a-file/sub"):
+        m.save(state(), step=1)
+    with pytest.raises(StorageError, match="cannot be written"):
+        m.storage.check_writable()
+
+
+def corrupt(root: str, rel: str, how: str) -> None:
+    fs, path = fs_of(root)
+    target = f"{path}/{rel}"
+    data = bytearray(fs.cat_file(target))
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif how == "truncate":
+        data = data[: len(data) - 7]
+    fs.pipe_file(target, bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_corrupted_weights_are_detected_by_verify_and_load(root, how):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    m.save(state(), step=2)
+    corrupt(root, "checkpoint-1/model.safetensors", how)
+    results = {r.name: r for r in m.verify()}
+    assert results["checkpoint-2"].ok
+    assert not results["checkpoint-1"].ok and "model.safetensors" in results["checkpoint-1"].problems[0]
+    with pytest.raises(CorruptCheckpointError, match="checkpoint-1/model.safetensors"):
+        m.load("checkpoint-1")
+
+
+def test_missing_file_is_named(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    fs, path = fs_of(root)
+    fs.rm(f"{path}/checkpoint-1/model.safetensors")
+    assert m.verify("checkpoint-1")[0].problems == ["model.safetensors: missing"]
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        m.load("checkpoint-1")
+
+
+def test_malformed_sidecar_is_skipped_by_list_with_a_warning_and_an_error_from_get(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    m.save(state(), step=2)
+    fs, path = fs_of(root)
+    fs.pipe_file(f"{path}/checkpoint-1/checkpoint.json", b'{"schemaVersion": 99}')
+    with pytest.warns(CheckpointWarning, match="checkpoint-1.*schemaVersion 99"):
+        assert [i.name for i in m.list()] == ["checkpoint-2"]
+    with pytest.raises(CorruptCheckpointError, match="schemaVersion"):
+        m.get("checkpoint-1")
+
+
+def test_incomplete_folder_is_invisible_and_cleaned_up(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    fs, path = fs_of(root)
+    fs.makedirs(f"{path}/checkpoint-2", exist_ok=True)
+    fs.pipe_file(f"{path}/checkpoint-2/model.safetensors", b"partial")
+    assert [i.name for i in m.list()] == ["checkpoint-1"] and m.latest().name == "checkpoint-1"
+    with pytest.raises(CheckpointNotFoundError, match="incomplete"):
+        m.load("checkpoint-2")
+    assert CheckpointManager(root).cleanup_incomplete() == ["checkpoint-2"]
+    assert folders(root) == {"checkpoint-1"}
+
+
+def test_delete_removes_sidecar_first_and_everything(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    m.save(state(), step=2)
+    assert m.delete("checkpoint-1").name == "checkpoint-1"
+    assert folders(root) == {"checkpoint-2"}
+    with pytest.raises(CheckpointNotFoundError):
+        m.delete("checkpoint-1")
+
+
+def test_prune_by_hand_and_dry_run(root):
+    m = CheckpointManager(root, keep_last=None)
+    for step in range(1, 6):
+        m.save(state(), step=step)
+    assert [i.name for i in m.prune(keep_last=2, dry_run=True)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert len(m.list()) == 5
+    m.prune(keep_last=2)
+    assert sorted(i.name for i in m.list()) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_resumed_from_checkpoint_is_protected(root, tiny_net):
+    m = CheckpointManager(root, keep_last=1, keep_best=0)
+    m.save(tiny_net, step=1)
+    m.save(tiny_net, step=2)
+    resumer = CheckpointManager(root, keep_last=1, keep_best=0)
+    resumer.restore("checkpoint-2", model=tiny_net)
+    resumer.save(tiny_net, step=3)
+    resumer.save(tiny_net, step=4)
+    assert sorted(i.name for i in resumer.list()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_monitor_that_never_appears_warns_once_and_tags_nothing(root):
+    m = CheckpointManager(root, monitor="accuracy", keep_last=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 5):
+            m.save(state(), step=step, eval_loss=0.5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 1 and "'accuracy'" in messages[0] and "evalLoss" in messages[0]
+    assert all(i.type == "automatic" for i in m.list()) and m.best() is None
+
+
+def test_restore_into_a_wrong_model_is_a_clear_error(root, tiny_net):
+    m = CheckpointManager(root)
+    m.save(tiny_net, step=1)
+    with pytest.raises(CorruptCheckpointError, match="does not fit the model"):
+        m.restore("latest", model=torch.nn.Linear(3, 3))
+
+
+def test_sharded_checkpoint_loads_and_verifies(root):
+    m = CheckpointManager(root, max_shard_size=3000)
+    big = {f"layer{i}": torch.randn(16, 16) for i in range(5)}  # 1 KiB each
+    info = m.save(big, step=1)
+    names = sorted(f.path for f in info.files)
+    assert "model.safetensors.index.json" in names and "model-00001-of-00003.safetensors" in names
+    loaded = m.load("checkpoint-1")
+    assert all(torch.equal(loaded[k], v) for k, v in big.items())
+    assert m.verify()[0].ok
+
+
+def test_async_save_snapshots_the_state_at_the_call(root):
+    m = CheckpointManager(root, async_save=True)
+    weights = {"w": torch.zeros(256, 256)}
+    m.save(weights, step=1)
+    weights["w"].add_(1.0)  # training changes the weights right after save returns
+    m.save(weights, step=2)
+    weights["w"].add_(1.0)
+    m.wait()
+    assert torch.equal(m.load("checkpoint-1")["w"], torch.zeros(256, 256))
+    assert torch.equal(m.load("checkpoint-2")["w"], torch.ones(256, 256))
+    m.close()
+
+
+def test_async_save_error_is_raised_by_the_next_call(caplog):
+    # /proc cannot hold folders: the checks before the snapshot pass, the background write fails.
+    m = CheckpointManager("/proc/ckpt-callback-test", async_save=True)
+    m.save(state(), step=1)
+    with pytest.raises(SaveError, match="background save"):
+        m.wait()
+    assert "checkpoint-1" in caplog.text  # logged at once, with the checkpoint's name
+    m.save(state(), step=2)
+    with pytest.raises(SaveError, match="background save"):
+        m.save(state(), step=3)
+    m.close()
+
+
+def test_save_rejects_bad_arguments(root):
+    m = CheckpointManager(root)
+    with pytest.raises(InvalidArgumentError, match="type"):
+        m.save(state(), step=1, type="best")
+    with pytest.raises(InvalidArgumentError, match="step"):
+        m.save(state(), step=-1)
+    with pytest.raises(InvalidArgumentError, match="state dict"):
+        m.save([1, 2], step=1)
