@@ -346,3 +346,23 @@ def test_save_rejects_bad_arguments(root):
         m.save(state(), step=-1)
     with pytest.raises(InvalidArgumentError, match="state dict"):
         m.save([1, 2], step=1)
+
+
+def test_download_copies_a_checkpoint_and_checks_hashes(root, tmp_path, tiny_net):
+    m = CheckpointManager(root)
+    m.save(tiny_net, step=1)
+    m.save(tiny_net, step=2)
+    dest = m.download("latest", tmp_path / "local")
+    assert sorted(p.name for p in dest.iterdir()) == ["checkpoint.json", "model.safetensors"]
+    assert CheckpointManager(str(tmp_path)).get("local").step == 2  # a valid checkpoint folder
+    corrupt(root, "checkpoint-1/model.safetensors", "flip")
+    with pytest.raises(CorruptCheckpointError, match="sha256"):
+        m.download("checkpoint-1", tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_signed_urls_need_storage_that_signs(root):
+    m = CheckpointManager(root)
+    m.save(state(), step=1)
+    with pytest.raises(StorageError, match="cannot make signed URLs"):
+        m.signed_urls("latest")

@@ -11,11 +11,14 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import os
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ from ._errors import (
     InvalidArgumentError,
     SaveError,
     SidecarError,
+    StorageError,
 )
 from ._policy import RetentionPolicy, newest
 from ._serialization import (
@@ -792,6 +796,65 @@ class CheckpointManager:
                     restore_rng(training["rng"])
         self.resumed_from = info.name
         return info
+
+    def download(self, name: str, dest: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
+        """Copy checkpoint ``name`` into the local folder ``dest`` (created), checking every sha256.
+
+        ``dest`` becomes the checkpoint folder itself (so ``from_pretrained(dest)`` works for HF
+        models). Files are streamed, never held whole in memory; the sidecar is copied last.
+        ``progress``: show a progress bar (default: on a terminal, for more than a few MB).
+
+        Raises:
+            CorruptCheckpointError: a stored file does not match its sha256 (nothing is left half-copied).
+        """
+        info = self.get(name)
+        target = Path(dest)
+        target.mkdir(parents=True, exist_ok=True)
+        show = progress if progress is not None else (sys.stderr.isatty() and info.size > 4 << 20)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=info.size, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+                  desc=f"{info.name}") as bar:
+            for entry in info.files:
+                out = target / entry.path
+                out.parent.mkdir(parents=True, exist_ok=True)
+                partial = out.with_name(out.name + ".partial")
+                try:
+                    with self.storage.open_read(f"{info.name}/{entry.path}") as src, open(partial, "wb") as f:
+                        reader = _HashingReader(src)
+                        buffer = memoryview(bytearray(8 << 20))
+                        while n := reader.readinto(buffer):
+                            f.write(buffer[:n])
+                            bar.update(n)
+                    _check_entry(entry, reader.size, reader.hexdigest(), self.storage.display(info.name, entry.path))
+                    os.replace(partial, out)
+                except CheckpointNotFoundError as exc:
+                    raise CorruptCheckpointError(f"{self.storage.display(info.name, entry.path)} is missing") from exc
+                finally:
+                    partial.unlink(missing_ok=True)
+        (target / SIDECAR_NAME).write_text(info.dumps())
+        return target
+
+    def signed_urls(self, name: str, *, expires: int = 3600) -> dict[str, str]:
+        """Pre-signed download URLs (relative path → URL) for every file of checkpoint ``name``.
+
+        Raises:
+            StorageError: the storage cannot sign URLs (a local folder, memory://).
+        """
+        if not isinstance(expires, int) or expires < 1:
+            raise InvalidArgumentError(f"expires must be a positive number of seconds, got {expires!r}")
+        info = self.get(name)
+        paths = [f.path for f in info.files] + [SIDECAR_NAME]
+        urls = {}
+        for rel in paths:
+            try:
+                urls[rel] = self.storage.fs.sign(self.storage.path(info.name, rel), expiration=expires)
+            except NotImplementedError as exc:
+                raise StorageError(
+                    f"{self.root} cannot make signed URLs ({type(self.storage.fs).__name__} does not sign); "
+                    "use 'ckpt download' instead, or object storage such as s3://"
+                ) from exc
+        return urls
 
     def verify(self, name: str | None = None) -> list[VerifyResult]:
         """Re-hash the files of checkpoint ``name`` (default: every checkpoint) against the sidecar.
