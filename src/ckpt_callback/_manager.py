@@ -373,23 +373,20 @@ class CheckpointManager:
         if plan.aliases:
             metadata["ckpt_callback.aliases"] = json.dumps(plan.aliases, sort_keys=True)
         for filename, tensors in plan.files.items():
-            with txn.open(filename) as f:
-                size, sha = write_safetensors(f, tensors, metadata)
+            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata))
             entries.append(FileEntry(filename, size, sha))
         blobs = dict(job.files)
         if plan.index is not None:
             blobs[MODEL_INDEX] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             skeleton, tensors = job.training
-            with txn.open(OPTIMIZER_FILE) as f:
-                size, sha = write_safetensors(f, tensors, {"format": "pt"})
+            size, sha = txn.write(OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}))
             entries.append(FileEntry(OPTIMIZER_FILE, size, sha))
             state = {"format": "ckpt_callback.training_state/1", "step": job.info.step, "epoch": job.info.epoch,
                      "state": skeleton}
             blobs[TRAINING_STATE_FILE] = (json.dumps(state, allow_nan=True) + "\n").encode()
         for rel, data in blobs.items():
-            with txn.open(rel) as f:
-                size, sha = write_chunks(f, [data])
+            size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))
             entries.append(FileEntry(rel, size, sha))
         return entries
 

@@ -28,11 +28,12 @@ from fsspec.implementations.local import LocalFileSystem
 from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ._sidecar import SIDECAR_NAME
 
-__all__ = ["STAGING_PREFIX", "Storage", "Transaction"]
+__all__ = ["STAGING_PREFIX", "UPLOAD_PART_SIZE", "Storage", "Transaction"]
 
 logger = logging.getLogger("ckpt_callback")
 
 STAGING_PREFIX = ".ckpt-staging-"
+UPLOAD_PART_SIZE = 16 << 20  # one multipart part; bounds upload memory (s3fs's default is 50 MiB)
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
                    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
 _TRANSIENT = (ConnectionError, TimeoutError)
@@ -202,31 +203,32 @@ class Storage:
         else:
             self._call("writing", rel, lambda: self.fs.pipe_file(target, data), write=True)
 
-    @contextlib.contextmanager
-    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        """A writable binary stream to ``rel``; on local disk the file is fsynced when it closes."""
+    def write_stream(self, rel: str, produce: Callable[[IO[bytes]], T]) -> T:
+        """Create ``rel`` with the bytes ``produce(f)`` writes to ``f``; return what it returns.
+
+        Local files are fsynced before this returns. On object stores the upload goes out in
+        parts of `UPLOAD_PART_SIZE` (bounded memory) and a transient failure (connection reset,
+        5xx, throttling) re-runs ``produce`` on a fresh upload, a bounded number of times.
+        """
+        return self._call("writing", rel, lambda: self._write_once(rel, produce), write=True)
+
+    def _write_once(self, rel: str, produce: Callable[[IO[bytes]], T]) -> T:
         target = self.path(rel)
         if self.is_local:
-            def local_open() -> Any:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                return open(target, "wb", buffering=0)  # noqa: SIM115
-            f: Any = self._call("opening", rel, local_open, write=True)
-            try:
-                yield f
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb", buffering=0) as f:
+                result = produce(f)
                 os.fsync(f.fileno())
-            except OSError as exc:
-                raise StorageError(f"writing failed at {self.display(rel)}: {_describe(exc)}") from exc
-            finally:
-                f.close()
-        else:
-            f = self._call("opening", rel, lambda: self.fs.open(target, "wb"), write=True)
-            try:
-                yield f
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    f.discard() if hasattr(f, "discard") else None
-                raise
-            self._call("uploading", rel, f.close, write=True)
+            return result
+        f = self.fs.open(target, "wb", block_size=UPLOAD_PART_SIZE)
+        try:
+            result = produce(_Chunked(f, UPLOAD_PART_SIZE))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard() if hasattr(f, "discard") else None  # aborts a multipart upload
+            raise
+        f.close()
+        return result
 
     def remove(self, rel: str) -> None:
         """Remove one file; a missing one is fine."""
@@ -268,15 +270,10 @@ class Transaction:
                 storage.remove_tree(name)
         self.files: list[str] = []
 
-    @contextlib.contextmanager
-    def open(self, rel: str) -> Iterator[IO[bytes]]:
+    def write(self, rel: str, produce: Callable[[IO[bytes]], T]) -> T:
+        """Write one file of the checkpoint; see `Storage.write_stream`."""
         self.files.append(rel)
-        with self.storage.open_write(f"{self.folder}/{rel}") as f:
-            yield f
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        with self.open(rel) as f:
-            f.write(data)
+        return self.storage.write_stream(f"{self.folder}/{rel}", produce)
 
     def commit(self, sidecar: bytes) -> None:
         """Write the sidecar last, then (local) rename the staging folder into place."""
@@ -300,6 +297,20 @@ class Transaction:
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.storage.remove_tree(self.folder)
+
+
+class _Chunked:
+    """Feed a remote file at most ``size`` bytes per write, so its buffer never holds more than a part."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self.f = f
+        self.size = size
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.size):
+            self.f.write(view[start : start + self.size])
+        return len(view)
 
 
 def fsync_dir(path: str) -> None:
