@@ -13,6 +13,7 @@ Backend errors are translated here, in one place, into `StorageError` /
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -33,7 +34,8 @@ __all__ = ["STAGING_PREFIX", "UPLOAD_PART_SIZE", "Storage", "Transaction"]
 logger = logging.getLogger("ckpt_callback")
 
 STAGING_PREFIX = ".ckpt-staging-"
-UPLOAD_PART_SIZE = 16 << 20  # one multipart part; bounds upload memory (s3fs's default is 50 MiB)
+UPLOAD_PART_SIZE = 6 << 20  # one multipart part (S3 minimum: 5 MiB); bounds upload memory
+UPLOAD_PARTS_IN_FLIGHT = 8  # small parts, many in flight: fast on object stores, ~60 MB held
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
                    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
 _TRANSIENT = (ConnectionError, TimeoutError)
@@ -86,7 +88,7 @@ class Storage:
 
     def display(self, *parts: str) -> str:
         """A user-facing location (the root URL as given, plus ``parts``)."""
-        return "/".join([self.url.rstrip("/"), *parts])
+        return "/".join([self.url.rstrip("/"), *(p for p in parts if p)])
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -112,9 +114,17 @@ class Storage:
                     delay = self.backoff * 2**attempt
                     logger.warning("%s failed (%s), retrying in %.1fs", what, self._scrub(repr(exc)), delay)
                     time.sleep(delay)
+                    self._reconnect()
                     continue
                 raise StorageError(self._scrub(f"{what} failed at {self.display(rel)}: {_describe(exc)}")) from exc
         raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        """Drop pooled connections after a transient failure: after an outage they are all dead."""
+        connect = getattr(self.fs, "connect", None)  # s3fs: a fresh client and connection pool
+        if connect is not None:
+            with contextlib.suppress(Exception):
+                connect(refresh=True)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -220,9 +230,12 @@ class Storage:
                 result = produce(f)
                 os.fsync(f.fileno())
             return result
-        f = self.fs.open(target, "wb", block_size=UPLOAD_PART_SIZE)
+        if hasattr(self.fs, "call_s3"):
+            f: Any = _S3MultipartWriter(self.fs, target, UPLOAD_PART_SIZE, UPLOAD_PARTS_IN_FLIGHT)
+        else:
+            f = _Chunked(self.fs.open(target, "wb", block_size=UPLOAD_PART_SIZE), UPLOAD_PART_SIZE)
         try:
-            result = produce(_Chunked(f, UPLOAD_PART_SIZE))
+            result = produce(f)
         except BaseException:
             with contextlib.suppress(Exception):
                 f.discard() if hasattr(f, "discard") else None  # aborts a multipart upload
@@ -311,6 +324,79 @@ class _Chunked:
         for start in range(0, len(view), self.size):
             self.f.write(view[start : start + self.size])
         return len(view)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def discard(self) -> None:
+        if hasattr(self.f, "discard"):
+            self.f.discard()
+
+
+class _S3MultipartWriter:
+    """A write-only S3 object that uploads ``part_size`` parts with ``in_flight`` of them at once.
+
+    s3fs's own streamed writes send one part at a time, and its ``put`` holds ten 50 MiB parts;
+    this keeps the pipe full while holding at most ``in_flight + 1`` parts in memory.
+    """
+
+    def __init__(self, fs: Any, path: str, part_size: int, in_flight: int) -> None:
+        self.fs, self.path = fs, path
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.part_size, self.in_flight = part_size, in_flight
+        self.buffer = bytearray()
+        self.parts: list[tuple[int, concurrent.futures.Future[Any]]] = []
+        self.upload_id: str | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="ckpt-upload")
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        position = 0
+        while position < len(view):
+            take = min(self.part_size - len(self.buffer), len(view) - position)
+            self.buffer += view[position : position + take]
+            position += take
+            if len(self.buffer) >= self.part_size:
+                self._send()
+        return len(view)
+
+    def _send(self) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+        running = [f for _, f in self.parts if not f.done()]
+        while len(running) >= self.in_flight:  # bound memory: wait for a part to finish
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            running = [f for f in running if not f.done()]
+        for _, f in self.parts:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        body, self.buffer = bytes(self.buffer), bytearray()
+        number = len(self.parts) + 1
+        future = self.pool.submit(self.fs.call_s3, "upload_part", Bucket=self.bucket, Key=self.key,
+                                  UploadId=self.upload_id, PartNumber=number, Body=body)
+        self.parts.append((number, future))
+
+    def close(self) -> None:
+        try:
+            if self.upload_id is None:  # small: one PUT
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            else:
+                if self.buffer:
+                    self._send()
+                parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in self.parts]
+                self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                                UploadId=self.upload_id, MultipartUpload={"Parts": parts})
+        finally:
+            self.pool.shutdown(wait=True)
+            self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        for _, f in self.parts:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
 
 
 def fsync_dir(path: str) -> None:

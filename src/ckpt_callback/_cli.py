@@ -1,0 +1,477 @@
+"""The ``ckpt`` command: list, inspect, verify, download, url, delete, prune and plot checkpoints.
+
+A thin layer over `CheckpointManager`: each command parses its options, makes one or two
+manager calls and formats what comes back. `main` turns errors into one line on stderr and
+an exit status: 0 success, 1 a failed check or operation, 2 bad usage (a traceback only
+with ``--debug``).
+
+Example:
+    $ ckpt list runs/gpt2-ft --sort-by evalLoss --order asc --limit 5
+    $ ckpt inspect runs/gpt2-ft best --json
+    $ ckpt verify runs/gpt2-ft
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from ._errors import CheckpointError, InvalidArgumentError, InvalidNameError
+from ._manager import CheckpointManager, CheckpointWarning
+from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
+
+__all__ = ["cli", "human_size", "inspect_document", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@dataclass
+class _State:
+    """What the shared options set, kept in ``ctx.obj`` so every command can open its root."""
+
+    debug: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    monitor: str = "evalLoss"
+    mode: str = "min"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ckpt`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+
+    Example:
+        >>> main(["list", "/tmp/ckpt-doc-no-such-root"])  # prints "ckpt: error: ..." to stderr
+        1
+    """
+    state = _State()
+    with _quiet_library(state):
+        try:
+            result = cli.main(args=list(argv) if argv is not None else None, prog_name="ckpt",
+                              standalone_mode=False, obj=state)
+        except click.UsageError as exc:
+            return _usage_error(exc)
+        except click.ClickException as exc:
+            return _fail(state, exc, exc.format_message(), exc.exit_code)
+        except click.Abort:
+            click.echo("ckpt: aborted", err=True)
+            return EXIT_FAILED
+        except (InvalidArgumentError, InvalidNameError) as exc:
+            return _fail(state, exc, str(exc), EXIT_USAGE)
+        except (CheckpointError, OSError) as exc:
+            return _fail(state, exc, str(exc), EXIT_FAILED)
+        except Exception as exc:
+            return _fail(state, exc, f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+                         EXIT_FAILED)
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _usage_error(exc: click.UsageError) -> int:
+    where = exc.ctx.command_path if exc.ctx is not None else "ckpt"
+    click.echo(f"ckpt: error: {_one_line(exc.format_message()).rstrip('.')}; see '{where} --help'", err=True)
+    return EXIT_USAGE
+
+
+def _fail(state: _State, exc: BaseException, message: str, code: int) -> int:
+    if state.debug:
+        traceback.print_exception(exc)
+    click.echo(f"ckpt: error: {_one_line(message)}", err=True)
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _quiet_library(state: _State) -> Iterator[None]:
+    """Show the library's log records and warnings as ``ckpt: warning: ...`` lines, INFO too with --debug.
+
+    Everything is restored afterwards, because `main` also runs inside other programs (tests).
+    """
+    logger = logging.getLogger("ckpt_callback")
+    handler = logging.StreamHandler()  # stderr as it is when a record arrives (pytest swaps it)
+    handler.setFormatter(_PrefixFormatter())
+    handler.addFilter(lambda record: state.debug or record.levelno >= logging.WARNING)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            # The manager logs every CheckpointWarning as well; show each problem once.
+            warnings.simplefilter("ignore", CheckpointWarning)
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+class _PrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"ckpt: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"ckpt: warning: {_one_line(str(message))}", err=True)
+
+
+# --- shared options ---------------------------------------------------------------------------
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    state = ctx.ensure_object(_State)
+    state.debug = state.debug or value  # `ckpt --debug list` and `ckpt list --debug` both work
+
+
+def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
+    options = ctx.ensure_object(_State).storage_options
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        try:
+            options[key] = json.loads(raw)  # true, 8, {"region_name": "x"}; anything else stays text
+        except ValueError:
+            options[key] = raw
+
+
+def _set_state(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    assert param.name is not None
+    setattr(ctx.ensure_object(_State), param.name, value)
+
+
+_debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                             help="Show tracebacks and the library's log.")
+
+
+def _root_options(fn: Any) -> Any:
+    """The ROOT-opening options every command takes after its own."""
+    fn = _debug_option(fn)
+    fn = click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
+                      expose_value=False, callback=_set_state,
+                      help="Whether a lower or a higher --monitor value is better.")(fn)
+    fn = click.option("--monitor", default="evalLoss", show_default=True, expose_value=False, callback=_set_state,
+                      help="What 'best' means: evalLoss, trainLoss or a metric name.")(fn)
+    fn = click.option("--storage-option", "storage_options", metavar="KEY=VALUE", multiple=True,
+                      expose_value=False, callback=_set_storage_options,
+                      help="Passed to fsspec (repeatable), e.g. endpoint_url=http://localhost:9000; "
+                           "VALUE is read as JSON when it parses, else as text.")(fn)
+    return fn
+
+
+def _manager(root: str, **options: Any) -> CheckpointManager:
+    state = click.get_current_context().ensure_object(_State)
+    return CheckpointManager(root, storage_options=state.storage_options or None, monitor=state.monitor,
+                             mode=state.mode, **options)
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def human_size(size: int) -> str:
+    """Bytes in decimal units, as model hubs show them: ``343.79 MB`` (1 MB = 10**6 bytes).
+
+    Example:
+        >>> human_size(343_790_000), human_size(512)
+        ('343.79 MB', '512 B')
+    """
+    if size < 1000:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("kB", "MB", "GB", "TB"):
+        value /= 1000
+        if round(value, 2) < 1000:
+            return f"{value:.2f} {unit}"
+    return f"{value / 1000:.2f} PB"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _describe(info: CheckpointInfo) -> str:
+    return f"{info.name} ({info.type}, step {info.step}, {human_size(info.size)})"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if k in right else c.ljust(w)
+                         for k, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def inspect_document(info: CheckpointInfo, manager: CheckpointManager) -> dict[str, Any]:
+    """The ``ckpt inspect`` document of one checkpoint: kind, metadata, spec (where it lives), status.
+
+    The key names are those of SPEC.md; ``files`` carry their sha256 too.
+    """
+    storage = manager.storage
+    root = storage.root if storage.is_local else manager.root.rstrip("/")  # a local root as an absolute path
+    return {
+        "kind": "Checkpoint",
+        "metadata": {"name": info.name, "id": info.id},
+        "spec": {
+            "root": root,
+            "path": f"{root.rstrip('/')}/{info.name}",
+            "type": info.type,
+            "description": info.description,
+            "epoch": info.epoch,
+            "metrics": dict(info.metrics),
+        },
+        "status": {
+            "status": "committed",  # a sidecar exists only for a complete checkpoint
+            "files": [entry.to_json() for entry in info.files],
+            "size": info.size,
+            "metadata": {
+                "name": info.name,
+                "node": info.node,
+                "step": info.step,
+                "trainLoss": info.train_loss,
+                "evalLoss": info.eval_loss,
+                "model": info.model,
+                "version": info.version,
+                "inferenceReady": info.inference_ready,
+                "createdAt": info.created_at,
+                "updatedAt": info.updated_at,
+            },
+        },
+    }
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings=_CONTEXT, no_args_is_help=False)  # `ckpt` alone: "Missing command", exit 2
+@click.version_option(package_name="ckpt-callback", prog_name="ckpt")
+@_debug_option
+def cli() -> None:
+    """List, inspect, verify, download, sign, delete, prune and plot checkpoints under ROOT.
+
+    ROOT is a local folder or an fsspec URL (s3://bucket/run, gs://..., memory://...).
+    Wherever NAME is taken, 'latest', 'best' and 'final' work too, and so does a checkpoint id.
+    S3 credentials come from the usual AWS environment variables or --storage-option.
+    """
+
+
+@cli.command("list")
+@click.argument("root")
+@click.option("--sort-by", default="createdAt", show_default=True,
+              help="createdAt, updatedAt, step, epoch, name, size, trainLoss, evalLoss or a metric name.")
+@click.option("--order", type=click.Choice(["asc", "desc"]), default="desc", show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100), default=None, help="At most N checkpoints (1 to 100).")
+@click.option("--after", metavar="ID", default=None, help="Start after this checkpoint (id or name): the next page.")
+@click.option("--type", "type_", type=click.Choice(CHECKPOINT_TYPES), default=None, help="Only this type.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list object as JSON (sizes in bytes).")
+@_root_options
+def list_command(root: str, sort_by: str, order: str, limit: int | None, after: str | None,
+                 type_: str | None, as_json: bool) -> int:
+    """Show the checkpoints under ROOT as a table (or JSON).
+
+    Newest first by default (--sort-by createdAt --order desc), as --json pages are.
+
+    Sizes in the table are decimal (1 MB = 1,000,000 bytes); --json gives exact bytes.
+    Page with --limit N and --after the last id (or name) of the previous page.
+    """
+    page = _manager(root).list(sort_by=sort_by, order=order, limit=limit, after=after, type=type_)
+    if as_json:
+        click.echo(json.dumps(page.to_json(), indent=2))
+        return EXIT_OK
+    if not page.data:
+        click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))
+        return EXIT_OK
+    rows = [[i.name, i.type, str(i.step), _number(i.train_loss), _number(i.eval_loss), human_size(i.size),
+             i.created_at[:19].replace("T", " ")] for i in page.data]
+    headers = ["name", "type", "step", "trainLoss", "evalLoss", "size", "created (UTC)"]
+    click.echo(_table(headers, rows, right={2, 3, 4, 5}))
+    summary = page.summary
+    footer = f"{page.total_count} checkpoints, {human_size(summary.total_size)}"
+    if type_:
+        footer = f"{page.total_count} {type_} checkpoints; {human_size(summary.total_size)} in all"
+    if summary.best is not None:
+        footer += f"; best {summary.best.name}"
+    if summary.latest is not None:
+        footer += f"; latest {summary.latest.name}"
+    if page.has_more:
+        footer += f"; next page: --after {page.data[-1].name}"
+    click.echo(footer)
+    return EXIT_OK
+
+
+@cli.command("inspect")
+@click.argument("root")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
+@_root_options
+def inspect_command(root: str, name: str, as_json: bool) -> int:
+    """Describe one checkpoint as YAML (or JSON)."""
+    manager = _manager(root)
+    document = inspect_document(manager.get(name), manager)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100), nl=False)
+    return EXIT_OK
+
+
+@cli.command("verify")
+@click.argument("root")
+@click.argument("name", required=False)
+@_root_options
+def verify_command(root: str, name: str | None) -> int:
+    """Re-hash files against their sidecar; exit 1 if any differs.
+
+    Checks checkpoint NAME, or every checkpoint under ROOT; each bad or missing file is named.
+    """
+    results = _manager(root).verify(name)
+    for result in results:
+        if result.ok:
+            click.echo(f"ok      {result.name}")
+        for problem in result.problems:
+            click.echo(f"FAILED  {result.name}/{problem}")
+    bad = [r.name for r in results if not r.ok]
+    if bad:
+        raise click.ClickException(f"{len(bad)} of {len(results)} checkpoints failed verification: {', '.join(bad)}")
+    click.echo(f"all {len(results)} checkpoints verified" if results else f"no checkpoints in {root}")
+    return EXIT_OK
+
+
+@cli.command("download")
+@click.argument("root")
+@click.argument("name")
+@click.argument("dest", type=click.Path(file_okay=False, writable=True))
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar [default: on a terminal, above 4 MB].")
+@_root_options
+def download_command(root: str, name: str, dest: str, progress: bool | None) -> int:
+    """Copy checkpoint NAME to the local folder DEST.
+
+    Every file's sha256 is checked; DEST becomes the checkpoint folder itself (for HF models,
+    from_pretrained(DEST) works).
+    """
+    manager = _manager(root)
+    info = manager.get(name)
+    target = manager.download(info.name, dest, progress=progress)
+    click.echo(f"downloaded {_describe(info)} to {target}")
+    return EXIT_OK
+
+
+@cli.command("url")
+@click.argument("root")
+@click.argument("name")
+@click.option("--expires", type=click.IntRange(min=1), default=3600, show_default=True, metavar="SECONDS",
+              help="How long the URLs work.")
+@click.option("--json", "as_json", is_flag=True, help="Print {path: url} as JSON.")
+@_root_options
+def url_command(root: str, name: str, expires: int, as_json: bool) -> int:
+    """Print signed download URLs for the files of NAME.
+
+    Only object storage can sign (s3://, gs://, ...); a local folder cannot.
+    """
+    manager = _manager(root)
+    info = manager.get(name)
+    urls = manager.signed_urls(info.name, expires=expires)
+    if as_json:
+        click.echo(json.dumps(urls, indent=2))
+    else:
+        width = max(len(path) for path in urls)
+        for path, url in urls.items():
+            click.echo(f"{path.ljust(width)}  {url}")
+    return EXIT_OK
+
+
+@cli.command("delete")
+@click.argument("root")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask; required when not on a terminal.")
+@_root_options
+def delete_command(root: str, name: str, yes: bool) -> int:
+    """Remove checkpoint NAME.
+
+    Asks for confirmation on a terminal; elsewhere (scripts, CI) --yes is required.
+    """
+    manager = _manager(root)
+    info = manager.get(name)  # resolve 'best'/'latest' once, so the one confirmed is the one deleted
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(f"not deleting {info.name} without confirmation (stdin is not a terminal); "
+                                   "pass --yes")
+        if not click.confirm(f"Delete {_describe(info)} from {root}?", default=False):
+            click.echo("nothing deleted")
+            return EXIT_FAILED
+    manager.delete(info.name)
+    click.echo(f"deleted {_describe(info)}")
+    return EXIT_OK
+
+
+@cli.command("prune")
+@click.argument("root")
+@click.option("--keep-last", type=click.IntRange(min=0), required=True, metavar="N",
+              help="Keep the N newest automatic checkpoints.")
+@click.option("--keep-best", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+              help="Also keep the N best by --monitor.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@_root_options
+def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> int:
+    """Delete old automatic checkpoints, keeping the N newest.
+
+    The best --keep-best by --monitor, every final and manual one, and the newest checkpoint
+    are always kept. Incomplete folders left by crashed saves are removed too (not with --dry-run).
+    """
+    manager = _manager(root, keep_best=keep_best)
+    doomed = manager.prune(keep_last=keep_last, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for info in doomed:
+        click.echo(f"{verb} {_describe(info)}")
+    freed = human_size(sum(i.size for i in doomed))
+    click.echo(f"{verb} {len(doomed)} checkpoints ({freed})" if doomed else "nothing to prune")
+    return EXIT_OK
+
+
+@cli.command("plot")
+@click.argument("root")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Image file to write (.png, .svg, .pdf).")
+@click.option("--log-scale", is_flag=True, help="A logarithmic loss axis.")
+@_root_options
+def plot_command(root: str, output: str, log_scale: bool) -> int:
+    """Plot train and eval loss over steps to an image file.
+
+    One point per stored checkpoint; marker shapes show the type, a gold halo the best by --monitor.
+    """
+    from ._plot import plot_losses, unsupported_suffix
+
+    try:
+        problem = unsupported_suffix(output)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="'-o' / '--output'")
+    manager = _manager(root)
+    page = manager.list(sort_by="step", order="asc")
+    if not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
+        state = "no checkpoints" if not page.data else "no checkpoint with a trainLoss or evalLoss"
+        raise click.ClickException(f"{state} in {root}; there is nothing to plot")
+    path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.retention.monitor,
+                       title=root, log_scale=log_scale)
+    click.echo(f"wrote {path} ({len(page.data)} checkpoints)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

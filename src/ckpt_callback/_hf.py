@@ -1,0 +1,353 @@
+"""`CheckpointCallback`: the HuggingFace Trainer adapter over `CheckpointManager`.
+
+It takes the Trainer's saving over rather than reusing it: on every save the Trainer asks for,
+the callback sets ``control.should_save = False`` (so the Trainer writes no ``checkpoint-N`` of
+its own) and writes the checkpoint once through the manager, in HF's layout. Reusing the
+Trainer's folder would mean pickled ``optimizer.pt`` / ``rng_state.pth`` / ``training_args.bin``
+on local disk only, then a second copy of every byte to reach the root. The save runs at the
+first quiet point after the Trainer asked for it (the next step's start, the epoch's end, or
+the end of training), which is after that step's logging and evaluation, just where the
+Trainer's own ``_save_checkpoint`` would run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError, StorageError
+from ._hook import _barrier
+from ._manager import TRAINING_STATE_FILE, CheckpointManager, CheckpointWarning
+from ._policy import SavePolicy
+from ._sidecar import CheckpointInfo, clean_metrics
+from ._training import restore_rng, unwrap_model
+
+__all__ = ["CheckpointCallback"]
+
+logger = logging.getLogger("ckpt_callback")
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointCallback(TrainerCallback):
+    """Checkpoints for `transformers.Trainer`: inference-ready folders on any fsspec root, exact resume.
+
+    Args:
+        root: a local folder or an fsspec URL (``s3://bucket/run``); checked for writing at train start.
+        every_n_steps, every_n_seconds: save on this schedule instead of the Trainer's
+            ``save_strategy`` / ``save_steps`` (the default).
+        load_best_at_end: load the best checkpoint's weights into the model when training ends
+            (default: ``args.load_best_model_at_end``); works on remote roots too.
+        **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
+            storage_options, async_save, max_shard_size, writer).
+
+    Example:
+        >>> callback = CheckpointCallback("memory://doc-hf", keep_last=3, monitor="evalLoss")
+        >>> # trainer = Trainer(model=model, args=args, callbacks=[callback], processing_class=tokenizer)
+        >>> # trainer.train(resume_from_checkpoint=callback.resume_from())   # None on a fresh root
+        >>> callback.resume_from() is None
+        True
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        every_n_steps: int | None = None,
+        every_n_seconds: float | None = None,
+        load_best_at_end: bool | None = None,
+        **manager_options: Any,
+    ) -> None:
+        self.manager = CheckpointManager(root, **manager_options)
+        own_schedule = every_n_steps is not None or every_n_seconds is not None
+        self.policy = SavePolicy(every_n_steps, every_n_seconds) if own_schedule else None
+        self.load_best_at_end = load_best_at_end
+        self._writer_given = "writer" in manager_options
+        self._due = False  # the Trainer (or our policy) asked for a save not yet written
+        self._saved_step: int | None = None
+        self._saved_time = time.monotonic()
+        self._resume: tuple[str, str, CheckpointManager] | None = None  # (name, local folder, reader)
+        self._rng: Any = None  # RNG states to put back once the resumed run reaches the saved point
+        self._rng_at_epoch = False
+        self._processor: tuple[Any, dict[str, bytes]] | None = None  # (processing_class, its files)
+
+    def resume_from(self, name: str = "latest") -> str | None:
+        """A local folder to pass as ``trainer.train(resume_from_checkpoint=...)``; None if the root is empty.
+
+        A local root gives the checkpoint folder itself; a remote one is downloaded (sha256-checked)
+        to a temporary folder first, removed again once training starts. The Trainer reads weights
+        and ``trainer_state.json`` from it; this callback restores optimizer, scheduler and RNG.
+        """
+        info = self.manager.latest() if name == "latest" else self.manager.get(name)
+        if info is None:
+            return None
+        if self.manager.storage.is_local:
+            folder, reader = self.manager.storage.path(info.name), self.manager
+        else:
+            folder = str(self.manager.download(info.name, Path(tempfile.mkdtemp(prefix="ckpt-resume-")) / info.name))
+            reader = CheckpointManager(str(Path(folder).parent), writer=False)
+        self._resume = (info.name, folder, reader)
+        return folder
+
+    # --- Trainer events -------------------------------------------------------------------------
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.save_strategy == "best":
+            raise InvalidArgumentError(
+                "CheckpointCallback cannot follow save_strategy='best': the Trainer decides it after every "
+                "callback has run and would write its own checkpoint; use save_strategy='steps' or 'epoch' "
+                "(the best checkpoint is kept and tagged 'best' anyway)"
+            )
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._writer_given:  # the Trainer's rank, known even if torch.distributed started late
+            self.manager.writer = args.process_index == 0
+        problem = None
+        if self.manager.writer:
+            try:
+                self.manager.storage.check_writable()
+            except StorageError as exc:
+                problem = str(exc)
+        problem = _from_rank0(problem)
+        if problem:
+            raise StorageError(problem)
+        self._due, self._saved_step, self._saved_time = False, None, time.monotonic()
+        if state.global_step > 0:
+            self._restore(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+        monitor = self.manager.retention.monitor
+        if args.eval_strategy == "no" and (monitor in ("evalLoss", "eval_loss") or monitor.startswith("eval_")):
+            self._warn_monitor("the Trainer never evaluates (eval_strategy='no')")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._schedule(state, control)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._rng is not None:
+            restore_rng(self._rng)
+            self._rng = None
+        self._flush(args, state, control, kwargs)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._rng is not None and self._rng_at_epoch:  # resumed at an epoch boundary: before the shuffle
+            restore_rng(self._rng)
+            self._rng = None
+        self._flush(args, state, control, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not control.should_training_stop:  # else on_train_end writes this step as the final one
+            self._flush(args, state, control, kwargs)
+        self._schedule(state, control)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        metrics = _step_metrics(state.log_history, step)  # the eval metrics are logged before on_evaluate
+        probe = CheckpointInfo(name="probe", step=step, train_loss=_nearest_loss(state.log_history, step),
+                               eval_loss=metrics.get("eval_loss"), metrics=metrics)
+        if probe.metric(self.manager.retention.monitor) is None:
+            self._warn_monitor(f"the Trainer's metrics at step {step} are {', '.join(sorted(metrics))}")
+        if not self._due and self._saved_step == step:  # evaluated after this step's checkpoint was saved
+            self.manager.update_metrics(step, eval_loss=metrics.get("eval_loss"), metrics=metrics)
+            _barrier()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._due = False
+        self._save(args, state, control, kwargs, "final")
+        load_best = args.load_best_model_at_end if self.load_best_at_end is None else self.load_best_at_end
+        if load_best:
+            self._load_best(kwargs["model"])
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _schedule(self, state: Any, control: Any) -> None:
+        """Note a due save and stop the Trainer from writing its own checkpoint."""
+        if self.policy is None:
+            due = bool(control.should_save)
+        else:
+            due = self.policy.should_save(state.global_step, last_step=self._saved_step,
+                                          last_time=self._saved_time, now=time.monotonic())
+            if self.policy.every_n_seconds is not None:  # clocks differ: rank 0 decides for everyone
+                due = bool(_from_rank0(due))
+        control.should_save = False
+        self._due = self._due or (due and state.global_step != self._saved_step)
+
+    def _flush(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        if not self._due:
+            return
+        self._due = False
+        try:
+            self._save(args, state, control, kwargs, "automatic")
+        except (SaveError, StorageError) as exc:  # a scheduled save may fail; training goes on
+            logger.error("scheduled checkpoint at step %d was not saved: %s", state.global_step, exc)
+
+    def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str) -> CheckpointInfo | None:
+        step, info = state.global_step, None
+        try:
+            if self.manager.writer:  # the other ranks only wait for it
+                info = self.manager.save(**self._payload(args, state, control, kwargs), step=step, type=type)
+                if type == "final":
+                    self.manager.close()  # a background save is committed too
+        finally:
+            _barrier()  # no rank goes on (or reads) before the checkpoint is committed
+        self._saved_step, self._saved_time = step, time.monotonic()
+        return info
+
+    def _payload(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What `CheckpointManager.save` gets for the Trainer's current step, besides step and type."""
+        model = unwrap_model(kwargs["model"])
+        hf = hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "save_pretrained")
+        files, ready = self._files(model, kwargs.get("processing_class")) if hf else ({}, False)
+        trainer_state = dataclasses.asdict(state)
+        trainer_state["stateful_callbacks"] = {**(trainer_state.get("stateful_callbacks") or {}),
+                                               "TrainerControl": control.state()}
+        files[TRAINER_STATE] = (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()
+        metrics = _step_metrics(state.log_history, state.global_step)
+        payload = dict(
+            state=_hf_state(model) if hf else model, epoch=state.epoch, metrics=metrics,
+            train_loss=_nearest_loss(state.log_history, state.global_step), eval_loss=metrics.get("eval_loss"),
+            files=files, inference_ready=ready, rng=not args.save_only_model,
+        )
+        if not args.save_only_model:
+            payload.update(optimizer=kwargs.get("optimizer"), scheduler=kwargs.get("lr_scheduler"))
+        if hf:
+            payload.update(model_name=model.config.name_or_path or model.config.model_type,
+                           version=_transformers_version())
+        return payload
+
+    def _files(self, model: Any, processing_class: Any) -> tuple[dict[str, bytes], bool]:
+        """config.json, generation_config.json and the processing_class's files; whether all are there."""
+        with tempfile.TemporaryDirectory(prefix="ckpt-hf-") as tmp:
+            config = copy.deepcopy(model.config)  # set what save_pretrained sets, on a copy
+            config.architectures = [type(model).__name__]
+            config.dtype = str(model.dtype).split(".")[-1]
+            config.save_pretrained(tmp)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            files = _read_folder(tmp)
+        if processing_class is not None and (self._processor is None or self._processor[0] is not processing_class):
+            with tempfile.TemporaryDirectory(prefix="ckpt-hf-") as tmp:
+                processing_class.save_pretrained(tmp)  # it does not change during training: read once
+                self._processor = (processing_class, _read_folder(tmp))
+        processor_files = self._processor[1] if processing_class is not None and self._processor else {}
+        return {**processor_files, **files}, bool(processor_files)
+
+    def _restore(self, step: int, optimizer: Any, scheduler: Any) -> None:
+        """The Trainer restored weights and trainer state; put back optimizer, scheduler and (later) RNG."""
+        name, folder, reader = self._resume or ("", "", self.manager)
+        self._resume = None
+        info = reader.get(name) if name else None
+        if info is None or info.step != step:  # resumed from a path given by hand: our checkpoint of that step
+            try:
+                info = next((i for i in self.manager.list(sort_by="createdAt").data if i.step == step), None)
+            except CheckpointNotFoundError:
+                info = None
+            reader = self.manager
+        if info is None or not any(f.path == TRAINING_STATE_FILE for f in info.files):
+            logger.warning("resumed at step %d, but %s has no training state of that step (save_only_model?): "
+                           "optimizer, scheduler and RNG start afresh", step, self.manager.root)
+            return
+        training = reader.load_training_state(info.name)
+        if optimizer is not None and "optimizer" in training:
+            optimizer.load_state_dict(training["optimizer"])
+        if scheduler is not None and "scheduler" in training:
+            scheduler.load_state_dict(training["scheduler"])
+        self._rng = training.get("rng")
+        self._rng_at_epoch = info.epoch is not None and float(info.epoch).is_integer()
+        self.manager.resumed_from = info.name  # retention keeps it
+        self._saved_step = step
+        if reader is not self.manager:  # a downloaded copy of a remote checkpoint: fully read by now
+            shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        logger.info("resumed from %s (step %d)", info.name, step)
+
+    def _load_best(self, model: Any) -> None:
+        best = self.manager.best()
+        if best is None:
+            logger.warning("no best checkpoint in %s (monitor %r never appeared); the model keeps its last weights",
+                           self.manager.root, self.manager.retention.monitor)
+            return
+        module = unwrap_model(model)
+        state = self.manager.load(best.name)
+        result = module.load_state_dict(state, strict=False)
+        live = module.state_dict()
+        loaded = {live[k].data_ptr() for k in state if k in live}
+        missing = [k for k in result.missing_keys if live[k].data_ptr() not in loaded]  # tied ones are loaded
+        if missing or result.unexpected_keys:
+            raise CorruptCheckpointError(
+                f"best checkpoint {best.name!r} does not fit the model (missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]})"
+            )
+        logger.info("loaded the best checkpoint %s (step %d) into the model", best.name, best.step)
+
+    def _warn_monitor(self, why: str) -> None:
+        if self.manager._warned_monitor:
+            return
+        self.manager._warned_monitor = True  # one warning, not one more from the manager later
+        monitor = self.manager.retention.monitor
+        warnings.warn(f"monitor {monitor!r} is never produced: {why}; no checkpoint is tagged best until it "
+                      "appears (pass monitor= one of the Trainer's metric names)", CheckpointWarning, stacklevel=3)
+
+
+def _step_metrics(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """Every numeric value the Trainer logged at ``step`` (train log, eval metrics), by its own name."""
+    merged: dict[str, Any] = {}
+    for entry in log_history:
+        if entry.get("step") == step:
+            merged.update({k: v for k, v in entry.items() if k not in ("step", "epoch")})
+    return clean_metrics(merged)
+
+
+def _nearest_loss(log_history: list[dict[str, Any]], step: int) -> float | None:
+    """The train loss logged nearest ``step`` (the earlier one on a tie)."""
+    logged = [e for e in log_history if "loss" in e and "step" in e]
+    if not logged:
+        return None
+    return float(min(logged, key=lambda e: (abs(e["step"] - step), e["step"]))["loss"])
+
+
+def _hf_state(model: Any) -> dict[str, torch.Tensor]:
+    """The state dict as ``save_pretrained`` writes it: ignored keys, tied aliases and renames dropped."""
+    state = dict(model.state_dict())
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # transformers 4: drop the tied copies the model lists, as its save_pretrained does
+        return {k: v for k, v in state.items() if k not in (getattr(model, "_tied_weights_keys", None) or ())}
+    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+
+
+def _read_folder(folder: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            out[os.path.relpath(path, folder).replace(os.sep, "/")] = Path(path).read_bytes()
+    return out
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank, so all of them take the same decision."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

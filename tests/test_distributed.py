@@ -1,0 +1,173 @@
+"""Two processes under real `torchrun` on CPU (gloo): the HF Trainer with DDP, and the plain CheckpointHook.
+
+Each run checks that exactly one process writes (only rank 0 logs "saved ..."), that all ranks
+agree on the step and on the best checkpoint, that every checkpoint on storage is committed and
+verifies, and that nothing hangs (every launch has a timeout and its whole process group is
+killed when it runs out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_callback import CheckpointManager
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(script: Path, *args: str, timeout: float = 90) -> dict[int, dict[str, str]]:
+    """Run ``script`` on 2 processes; return each rank's ``KEY value`` report and check the logs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {timeout}s (a hang?):\n{output[-4000:]}") from None
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
+    reports = {}
+    for line in output.splitlines():
+        if line.startswith("REPORT "):
+            fields = dict(re.findall(r"(\w+)=(\S+)", line))
+            reports[int(fields["rank"])] = fields
+    assert sorted(reports) == [0, 1], output[-4000:]
+    saved = re.findall(r"^RANK (\d) LOG saved (\S+)", output, flags=re.MULTILINE)
+    assert saved and {rank for rank, _ in saved} == {"0"}, f"writers: {saved}"  # exactly one writer
+    return reports
+
+
+def assert_committed(root: str) -> CheckpointManager:
+    manager = CheckpointManager(root)
+    assert all(result.ok for result in manager.verify())
+    leftovers = [p.name for p in Path(root).iterdir() if not (p / "checkpoint.json").is_file()]
+    assert leftovers == [], leftovers  # no staging or half-written folders
+    return manager
+
+
+def params_digest(root: str, name: str) -> str:
+    """The digest HF_SCRIPT reports, of checkpoint ``name`` loaded into the tiny GPT-2."""
+    from test_hf import tiny_model, tiny_tokenizer
+
+    model = tiny_model(tiny_tokenizer())
+    model.load_state_dict(CheckpointManager(root).load(name), strict=False)  # lm_head is tied to wte
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]
+
+
+HF_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, logging, os, sys
+    import torch
+    from ckpt_callback import CheckpointCallback
+    from test_hf import fixed_scores, tiny_trainer
+
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format=f"RANK {rank} LOG %(message)s")
+    logging.getLogger("ckpt_callback").setLevel(logging.INFO)
+    root, out, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    scores = [0.5, 0.9, 0.7] if max_steps == 12 else [0.1]
+    callback = CheckpointCallback(root, keep_last=2, monitor="score", mode="max", load_best_at_end=True)
+    trainer = tiny_trainer(out, [callback], max_steps=max_steps, ddp_backend="gloo",
+                           compute_metrics=fixed_scores(scores))
+    start = callback.resume_from()
+    trainer.train(resume_from_checkpoint=start)
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    print(f"REPORT rank={rank} world={torch.distributed.get_world_size()} writer={callback.manager.writer} "
+          f"start={os.path.basename(start or '-')} step={trainer.state.global_step} "
+          f"best={callback.manager.best().name} params={hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]}",
+          flush=True)
+    """
+)
+
+
+def test_hf_trainer_ddp_under_torchrun(tmp_path: Path):
+    script = tmp_path / "train_hf.py"
+    script.write_text(HF_SCRIPT)
+    root, out = str(tmp_path / "ckpts"), str(tmp_path / "out")
+
+    reports = torchrun(script, root, out, "12")
+    assert {r["world"] for r in reports.values()} == {"2"}
+    assert [reports[0]["writer"], reports[1]["writer"]] == ["True", "False"]
+    assert {r["step"] for r in reports.values()} == {"12"} and {r["start"] for r in reports.values()} == {"-"}
+    assert {r["best"] for r in reports.values()} == {"checkpoint-8"}  # all ranks agree on the best
+    assert reports[0]["params"] == reports[1]["params"] == params_digest(root, "checkpoint-8")  # best loaded at end
+    manager = assert_committed(root)
+    assert {(i.name, i.type) for i in manager.list()} == {("checkpoint-4", "automatic"), ("checkpoint-8", "best"),
+                                                          ("checkpoint-12", "final")}
+    assert not Path(out).exists() or not any(Path(out).iterdir())  # the Trainer wrote no checkpoint of its own
+
+    # a second launch resumes from the latest checkpoint on every rank and trains 4 more steps
+    reports = torchrun(script, root, out, "16")
+    assert {r["start"] for r in reports.values()} == {"checkpoint-12"}
+    assert {r["step"] for r in reports.values()} == {"16"}
+    assert reports[0]["params"] == reports[1]["params"]
+    assert {r["best"] for r in reports.values()} == {"checkpoint-8"}
+    assert assert_committed(root).get("final").step == 16
+
+
+HOOK_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, logging, os, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from ckpt_callback import CheckpointHook
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format=f"RANK {rank} LOG %(message)s")
+    logging.getLogger("ckpt_callback").setLevel(logging.INFO)
+    root, total = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    evals = {2: 0.9, 4: 0.3, 6: 0.5, 8: 0.6, 10: 0.7}
+    with CheckpointHook(root, model, optimizer=opt, every_n_steps=2, keep_last=2) as hook:
+        start = hook.resume()
+        for step in range(start + 1, total + 1):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+            loss = model(x).pow(2).mean()
+            loss.backward(); opt.step(); opt.zero_grad()
+            hook.step(step, loss=loss.item())
+            if step % 2 == 0:
+                hook.evaluate(step, eval_loss=evals[step])
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    print(f"REPORT rank={rank} writer={hook.manager.writer} start={start} best={hook.manager.best().name} "
+          f"params={hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]}", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_plain_hook_ddp_under_torchrun(tmp_path: Path):
+    script = tmp_path / "train_plain.py"
+    script.write_text(HOOK_SCRIPT)
+    root = str(tmp_path / "ckpts")
+
+    reports = torchrun(script, root, "6")
+    assert [reports[0]["writer"], reports[1]["writer"]] == ["True", "False"]
+    assert {r["best"] for r in reports.values()} == {"checkpoint-4"}
+    assert reports[0]["params"] == reports[1]["params"]
+
+    reports = torchrun(script, root, "10")  # resumes at step 6 on both ranks
+    assert {r["start"] for r in reports.values()} == {"6"}
+    assert {r["best"] for r in reports.values()} == {"checkpoint-4"}
+    assert reports[0]["params"] == reports[1]["params"]
+    manager = assert_committed(root)
+    assert manager.get("best").name == "checkpoint-4" and manager.get("final").step == 10
