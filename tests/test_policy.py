@@ -110,10 +110,18 @@ def test_retention_properties(infos, keep_last, keep_best, mode, protect):
     if keep_best and best is not None:
         assert best.name not in doomed
     # never more than keep_last automatic ones beyond the protected ones (best, newest, resume point)
-    extra = {*(i.name for i in policy.ranked(infos)[:keep_best]), newest.name if newest else None, *protected}
+    extra = {*(i.name for i in policy.ranked(infos)[:keep_best]), newest.name if newest else None, *protected,
+             *(i.name for i in infos if i.type == "best" and keep_best)}
     scheduled = [i for i in kept if i.type in ("automatic", "best") and i.name not in extra]
     assert len(scheduled) <= keep_last
     # retagging after the prune leaves at most one best tag, on the best
     tags = policy.retag(kept)
     after = [tags.get(i.name, i.type) for i in kept]
     assert after.count("best") <= 1
+
+
+def test_prune_with_another_monitor_keeps_the_runs_best_tag():
+    # tagged best by a run that monitored accuracy; pruned by hand with the default monitor
+    infos = [ck(1, "best", loss=0.9, accuracy=0.99), ck(2, loss=0.5), ck(3, loss=0.4), ck(4, loss=0.6)]
+    doomed = [i.name for i in RetentionPolicy(keep_last=1).to_delete(infos)]
+    assert "c1-best" not in doomed and doomed == ["c2-automatic"]

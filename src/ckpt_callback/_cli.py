@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         1
     """
     state = _State()
-    with _quiet_library(state):
+    with _library_output(state):
         try:
             result = cli.main(args=list(argv) if argv is not None else None, prog_name="ckpt",
                               standalone_mode=False, obj=state)
@@ -92,7 +92,7 @@ def _one_line(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_library(state: _State) -> Iterator[None]:
+def _library_output(state: _State) -> Iterator[None]:
     """Show the library's log records and warnings as ``ckpt: warning: ...`` lines, INFO too with --debug.
 
     Everything is restored afterwards, because `main` also runs inside other programs (tests).
@@ -200,6 +200,10 @@ def _number(value: float | None) -> str:
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
 
 
+def _count(n: int, noun: str = "checkpoint") -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _describe(info: CheckpointInfo) -> str:
     return f"{info.name} ({info.type}, step {info.step}, {human_size(info.size)})"
 
@@ -298,9 +302,9 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     headers = ["name", "type", "step", "trainLoss", "evalLoss", "size", "created (UTC)"]
     click.echo(_table(headers, rows, right={2, 3, 4, 5}))
     summary = page.summary
-    footer = f"{page.total_count} checkpoints, {human_size(summary.total_size)}"
+    footer = f"{_count(page.total_count)}, {human_size(summary.total_size)}"
     if type_:
-        footer = f"{page.total_count} {type_} checkpoints; {human_size(summary.total_size)} in all"
+        footer = f"{_count(page.total_count, type_ + ' checkpoint')}; {human_size(summary.total_size)} in all"
     if summary.best is not None:
         footer += f"; best {summary.best.name}"
     if summary.latest is not None:
@@ -346,8 +350,8 @@ def verify_command(root: str, name: str | None) -> int:
             click.echo(f"FAILED  {result.name}/{problem}")
     bad = [r.name for r in results if not r.ok]
     if bad:
-        raise click.ClickException(f"{len(bad)} of {len(results)} checkpoints failed verification: {', '.join(bad)}")
-    click.echo(f"all {len(results)} checkpoints verified" if results else f"no checkpoints in {root}")
+        raise click.ClickException(f"{len(bad)} of {_count(len(results))} failed verification: {', '.join(bad)}")
+    click.echo(f"{_count(len(results))} verified" if results else f"no checkpoints in {root}")
     return EXIT_OK
 
 
@@ -409,8 +413,7 @@ def delete_command(root: str, name: str, yes: bool) -> int:
     info = manager.get(name)  # resolve 'best'/'latest' once, so the one confirmed is the one deleted
     if not yes:
         if not sys.stdin.isatty():
-            raise click.UsageError(f"not deleting {info.name} without confirmation (stdin is not a terminal); "
-                                   "pass --yes")
+            raise click.UsageError(f"stdin is not a terminal, so no one can confirm: pass --yes to delete {info.name}")
         if not click.confirm(f"Delete {_describe(info)} from {root}?", default=False):
             click.echo("nothing deleted")
             return EXIT_FAILED
@@ -439,7 +442,7 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
     for info in doomed:
         click.echo(f"{verb} {_describe(info)}")
     freed = human_size(sum(i.size for i in doomed))
-    click.echo(f"{verb} {len(doomed)} checkpoints ({freed})" if doomed else "nothing to prune")
+    click.echo(f"{verb} {_count(len(doomed))} ({freed})" if doomed else "nothing to prune")
     return EXIT_OK
 
 
@@ -469,7 +472,7 @@ def plot_command(root: str, output: str, log_scale: bool) -> int:
         raise click.ClickException(f"{state} in {root}; there is nothing to plot")
     path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.retention.monitor,
                        title=root, log_scale=log_scale)
-    click.echo(f"wrote {path} ({len(page.data)} checkpoints)")
+    click.echo(f"wrote {path} ({_count(len(page.data))})")
     return EXIT_OK
 
 

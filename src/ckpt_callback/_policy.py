@@ -116,8 +116,8 @@ class RetentionPolicy:
     ) -> list[CheckpointInfo]:
         """Checkpoints retention removes, oldest first.
 
-        Never the final, manual, newest, ``protect``-ed (e.g. the one training resumed from)
-        or one of the ``keep_best`` best. ``keep_last`` overrides the policy's own for one call.
+        Never the final, manual, newest, ``protect``-ed (e.g. the one training resumed from),
+        one of the ``keep_best`` best, or the one tagged ``best`` (unless ``keep_best`` is 0). ``keep_last`` overrides the policy's own for one call.
         """
         limit = self.keep_last if keep_last is None else keep_last
         if limit is None:
@@ -127,6 +127,10 @@ class RetentionPolicy:
         if latest is not None:
             keep.add(latest.name)
         keep.update(info.name for info in self.ranked(infos)[: self.keep_best])
+        if self.keep_best:
+            # The stored tag was set by the run's own monitor, which may differ from this policy's
+            # (e.g. `ckpt prune` with the default monitor on a run that monitored accuracy).
+            keep.update(info.name for info in infos if info.type == "best")
         scheduled = sorted((i for i in infos if i.type not in KEPT_TYPES), key=_age_key, reverse=True)
         keep.update(info.name for info in scheduled[:limit])
         return sorted((i for i in scheduled if i.name not in keep), key=_age_key)
