@@ -25,7 +25,7 @@ ALL_DTYPES = sorted(_DTYPES, key=str)
 
 def round_trip(tensors, metadata=None):
     buf = io.BytesIO()
-    size, sha = write_safetensors(buf, tensors, metadata)
+    size, _ = write_safetensors(buf, tensors, metadata)
     assert size == len(buf.getvalue())
     buf.seek(0)
     return buf.getvalue(), *read_safetensors(buf)
@@ -34,7 +34,7 @@ def round_trip(tensors, metadata=None):
 def sample(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.rand(shape) > 0.5
-    if dtype.is_floating_point and dtype.itemsize == 1 or dtype in (torch.uint16, torch.uint32, torch.uint64):
+    if (dtype.is_floating_point and dtype.itemsize == 1) or dtype in (torch.uint16, torch.uint32, torch.uint64):
         return torch.randint(0, 100, shape, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 else (
             torch.randint(0, 100, shape, dtype=torch.int64).to(dtype))
     if dtype.is_complex:
@@ -71,9 +71,9 @@ def test_tied_tensors_are_stored_once_and_overlapping_views_copied():
 
 
 def test_unsupported_values_are_named():
-    with pytest.raises(InvalidArgumentError, match="'x' has dtype torch.complex128"):
+    with pytest.raises(InvalidArgumentError, match=r"'x' has dtype torch\.complex128"):
         dedupe_tensors({"x": torch.zeros(2, dtype=torch.complex128)})
-    with pytest.raises(InvalidArgumentError, match="'y' is a int"):
+    with pytest.raises(InvalidArgumentError, match=r"'y' is a int"):
         dedupe_tensors({"y": 3})
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -25,6 +27,7 @@ from ._errors import CorruptCheckpointError, InvalidArgumentError
 __all__ = [
     "MODEL_INDEX",
     "ModelPlan",
+    "ParallelDigest",
     "flatten_state",
     "plan_model_files",
     "read_safetensors",
@@ -34,7 +37,8 @@ __all__ = [
 
 MODEL_INDEX = "model.safetensors.index.json"
 ALIASES_KEY = "ckpt_callback.aliases"
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20
+_HASH_LAG = 4  # chunks the hashing thread may fall behind the writer (bounds memory kept alive)
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -83,16 +87,16 @@ def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
 def dedupe_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop exact aliases (tied weights) and copy partial overlaps, as safetensors needs.
 
-    Returns the tensors to write and ``{dropped_name: kept_name}``, which `read_safetensors`
-    uses to give every original name back. The first name in sorted order is kept, which
-    for GPT-2 keeps ``transformer.wte.weight`` and drops ``lm_head.weight`` like transformers.
+    Returns the tensors to write and ``{dropped_name: kept_name}``, which `load` uses to give
+    every original name back. The first name in state-dict order (module registration order)
+    is kept, which for GPT-2 keeps ``transformer.wte.weight`` and drops ``lm_head.weight``,
+    as transformers does.
     """
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_view: dict[tuple[Any, ...], str] = {}
     storages: set[tuple[Any, ...]] = set()
-    for name in sorted(state):
-        tensor = state[name]
+    for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise InvalidArgumentError(
                 f"state entry {name!r} is a {type(tensor).__name__}, not a tensor; the model state "
@@ -152,7 +156,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = flat.contiguous()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
@@ -185,15 +189,25 @@ def safetensors_chunks(
 
 
 def write_safetensors(
-    out: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    out: IO[bytes],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    hasher: Executor | None = None,
 ) -> tuple[int, str]:
     """Write ``tensors`` as safetensors to ``out`` in one pass; return (size, sha256)."""
-    return write_chunks(out, safetensors_chunks(tensors, metadata))
+    return write_chunks(out, safetensors_chunks(tensors, metadata), hasher=hasher)
 
 
-def write_chunks(out: IO[bytes], chunks: Iterable[memoryview | bytes]) -> tuple[int, str]:
-    """Write and hash ``chunks`` in the same pass; return (size, sha256)."""
-    digest = hashlib.sha256()
+def write_chunks(
+    out: IO[bytes], chunks: Iterable[memoryview | bytes], *, hasher: Executor | None = None
+) -> tuple[int, str]:
+    """Write and hash ``chunks`` in one pass over the bytes; return (size, sha256).
+
+    With a ``hasher`` (a one-thread executor) hashing runs beside the writes instead of
+    between them; both release the GIL, so on two cores the hash costs almost nothing.
+    """
+    digest = ParallelDigest(hasher)
     size = 0
     for chunk in chunks:
         digest.update(chunk)
@@ -206,14 +220,51 @@ def write_chunks(out: IO[bytes], chunks: Iterable[memoryview | bytes]) -> tuple[
     return size, digest.hexdigest()
 
 
-def _read_exact(src: IO[bytes], n: int, where: str) -> bytes:
+class ParallelDigest:
+    """sha256 whose updates may run, in order, on a one-thread ``executor`` (inline without one).
+
+    Callers must not change a buffer after passing it to `update` (tensor memory and bytes are fine).
+    """
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self._digest = hashlib.sha256()
+        self._executor = executor
+        self._pending: deque[Future[None]] = deque()
+
+    def update(self, data: memoryview | bytes) -> None:
+        if self._executor is None or len(data) < 1 << 20:
+            self._drain()
+            self._digest.update(data)
+            return
+        while len(self._pending) >= _HASH_LAG:
+            self._pending.popleft().result()
+        self._pending.append(self._executor.submit(self._digest.update, data))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self._drain()
+        return self._digest.hexdigest()
+
+
+def _read_exact(src: Readable, n: int, where: str) -> bytes:
     data = src.read(n)
     if len(data) != n:
         raise CorruptCheckpointError(f"{where}: file is truncated (wanted {n} bytes, got {len(data)})")
     return data
 
 
-def read_safetensors(src: IO[bytes], *, where: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+class Readable(Protocol):
+    """What `read_safetensors` needs of a stream (``readinto`` is used when present)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def read_safetensors(
+    src: Readable, *, where: str = "safetensors file"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors stream into fresh CPU tensors; return (tensors, metadata).
 
     Each tensor's bytes are read straight into its own memory, so peak memory is the
@@ -247,7 +298,7 @@ def read_safetensors(src: IO[bytes], *, where: str = "safetensors file") -> tupl
         if begin != position or end - begin != nbytes:
             raise CorruptCheckpointError(f"{where}: offsets of {name!r} do not match its shape; the file is corrupt")
         if nbytes:
-            view = memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+            view = tensor.view(-1).view(torch.uint8).numpy().data.cast("B")
             got = _readinto_all(src, view)
             if got != nbytes:
                 raise CorruptCheckpointError(
@@ -258,7 +309,7 @@ def read_safetensors(src: IO[bytes], *, where: str = "safetensors file") -> tupl
     return tensors, metadata
 
 
-def _readinto_all(src: IO[bytes], view: memoryview) -> int:
+def _readinto_all(src: Readable, view: memoryview) -> int:
     got = 0
     readinto = getattr(src, "readinto", None)
     while got < len(view):
@@ -312,7 +363,8 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
         if isinstance(value, Mapping):
             if all(isinstance(k, str) and not k.startswith("__") for k in value):
                 return {k: walk(v, f"{path}.{k}" if path else k) for k, v in value.items()}
-            return {_DICT: [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{k}")] for i, (k, v) in enumerate(value.items())]}
+            pairs = enumerate(value.items())
+            return {_DICT: [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{k}")] for i, (k, v) in pairs]}
         raise InvalidArgumentError(
             f"cannot store {type(value).__name__} at {path or 'the top level'} of the training state "
             "without pickle; use tensors, numbers, strings, lists and dicts"
