@@ -49,7 +49,8 @@ def test_save_writes_weights_and_sidecar_last(root):
     sidecar = json.loads(fs.cat_file(f"{path}/checkpoint-500/checkpoint.json"))
     assert sidecar["name"] == "checkpoint-500" and sidecar["step"] == 500 and sidecar["type"] == "automatic"
     assert sidecar["trainLoss"] == 0.7 and sidecar["evalLoss"] is None and sidecar["metrics"] == {"acc": 0.5}
-    assert sidecar["size"] == sum(f["size"] for f in sidecar["files"]) == fs.size(f"{path}/checkpoint-500/model.safetensors")
+    weights = fs.size(f"{path}/checkpoint-500/model.safetensors")
+    assert sidecar["size"] == sum(f["size"] for f in sidecar["files"]) == weights
     assert info.id == sidecar["id"] and m.get("checkpoint-500") == info
     assert folders(root) == {"checkpoint-500"}  # no staging leftovers
 
@@ -217,7 +218,7 @@ def test_corrupted_weights_are_detected_by_verify_and_load(root, how):
     results = {r.name: r for r in m.verify()}
     assert results["checkpoint-2"].ok
     assert not results["checkpoint-1"].ok and "model.safetensors" in results["checkpoint-1"].problems[0]
-    with pytest.raises(CorruptCheckpointError, match="checkpoint-1/model.safetensors"):
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint-1/model\.safetensors"):
         m.load("checkpoint-1")
 
 
@@ -376,3 +377,24 @@ def test_signed_urls_where_the_storage_can_sign(root):
     assert set(urls) == {"model.safetensors", "checkpoint.json"}
     with urllib.request.urlopen(urls["model.safetensors"]) as response:  # no credentials needed
         assert hashlib.sha256(response.read()).hexdigest() == info.files[0].sha256
+
+
+def test_async_snapshot_keeps_tied_weights_tied_and_reuses_buffers(root, tiny_net):
+    m = CheckpointManager(root, async_save=True)
+    m.save(tiny_net, step=1)
+    first = dict(m._staging._buffers)
+    m.save(tiny_net, step=2)
+    m.wait()
+    assert {k: v.data_ptr() for k, v in m._staging._buffers.items()} == {k: v.data_ptr() for k, v in first.items()}
+    assert m._staging.nbytes == sum(t.numel() * t.element_size() for t in
+                                    {t.data_ptr(): t for t in tiny_net.state_dict().values()}.values())
+    sync = CheckpointManager(make_root_like(root))
+    sync.save(tiny_net, step=1)
+    assert m.get("checkpoint-2").size == sync.get("checkpoint-1").size  # the tie is stored once in both
+    loaded = m.load("checkpoint-2")
+    assert loaded["head.weight"] is loaded["embed.weight"]
+    m.close()
+
+
+def make_root_like(root: str) -> str:
+    return root.rstrip("/") + "-sync"

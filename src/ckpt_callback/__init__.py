@@ -26,7 +26,7 @@ from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry
 
 if TYPE_CHECKING:
-    from ._hf import CheckpointCallback
+    from ._hf import CheckpointCallback as CheckpointCallback
 
 __version__ = "0.1.0"
 

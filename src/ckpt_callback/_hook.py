@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._distributed import barrier, from_rank0
 from ._errors import SaveError, StorageError
 from ._manager import CheckpointManager
 from ._policy import SavePolicy
@@ -39,7 +40,7 @@ class CheckpointHook:
         ...     for step in range(hook.resume() + 1, 5):
         ...         loss = model(torch.ones(1, 2)).pow(2).mean()
         ...         loss.backward(); opt.step(); opt.zero_grad()
-        ...         hook.step(step, loss=loss.item())
+        ...         _ = hook.step(step, loss=loss.item())
         >>> [(i.name, i.type) for i in hook.manager.list(sort_by="step", order="asc")]
         [('checkpoint-2', 'automatic'), ('checkpoint-4', 'final')]
     """
@@ -60,8 +61,15 @@ class CheckpointHook:
         self.scheduler = scheduler
         self.policy = SavePolicy(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
         self.manager = CheckpointManager(root, **manager_options)
+        problem = None
         if self.manager.writer:
-            self.manager.storage.check_writable()
+            try:
+                self.manager.storage.check_writable()
+            except StorageError as exc:
+                problem = str(exc)
+        problem = from_rank0(problem)  # every rank fails now, not only the writer
+        if problem is not None:
+            raise StorageError(problem)
         self._step = 0
         self._epoch: float | None = None
         self._train_loss: float | None = None
@@ -87,7 +95,7 @@ class CheckpointHook:
         self._step = self._saved_step = info.step
         self._epoch = info.epoch
         logger.info("resumed from %s (step %d)", info.name, info.step)
-        _barrier()
+        barrier()
         return info.step
 
     def step(self, step: int, *, loss: float | None = None, epoch: float | None = None) -> CheckpointInfo | None:
@@ -98,8 +106,11 @@ class CheckpointHook:
         self._step, self._train_loss = step, loss
         if epoch is not None:
             self._epoch = epoch
-        if not self.policy.should_save(step, last_step=self._saved_step, last_time=self._saved_time,
-                                       now=time.monotonic()):
+        due = self.policy.should_save(step, last_step=self._saved_step, last_time=self._saved_time,
+                                      now=time.monotonic())
+        if self.policy.every_n_seconds is not None:
+            due = from_rank0(due)  # clocks differ between ranks: rank 0 decides for all
+        if not due:
             return None
         try:
             return self._save("automatic")
@@ -149,13 +160,7 @@ class CheckpointHook:
                 rng=True,
             )
         finally:
-            _barrier()
+            barrier()
         self._saved_step, self._saved_time = self._step, time.monotonic()
         return info
 
-
-def _barrier() -> None:
-    """Keep ranks in step so none reads a checkpoint before it is committed."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -7,6 +7,8 @@ survive restarts, other processes and a changed directory.
 
 from __future__ import annotations
 
+import atexit
+import builtins
 import concurrent.futures
 import hashlib
 import json
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._distributed import is_writer
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -36,6 +40,7 @@ from ._errors import (
 from ._policy import RetentionPolicy, newest
 from ._serialization import (
     MODEL_INDEX,
+    ParallelDigest,
     aliases_from_metadata,
     flatten_state,
     plan_model_files,
@@ -54,6 +59,7 @@ from ._sidecar import (
     clean_number,
     validate_name,
 )
+from ._snapshot import StagingArea
 from ._storage import STAGING_PREFIX, Storage, staging_owner_alive
 from ._training import capture_rng, describe_model, model_state, restore_rng, unwrap_model
 
@@ -160,6 +166,8 @@ class CheckpointManager:
         async_save: snapshot the state and write it on a background thread.
         max_shard_size: largest weights file before splitting into HF-style shards.
         writer: whether this process writes (default: rank 0 of torch.distributed, else True).
+        save_threads: CPU threads a save or load may keep busy: 2 hashes beside the I/O
+            (default), 1 hashes inline and leaves more of the CPU to training.
 
     Example:
         >>> import torch
@@ -183,12 +191,15 @@ class CheckpointManager:
         async_save: bool = False,
         max_shard_size: int | str = "5GB",
         writer: bool | None = None,
+        save_threads: int = 2,
     ) -> None:
+        if not isinstance(save_threads, int) or save_threads < 1:
+            raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
         self.storage = Storage(root, storage_options)
         self.retention = RetentionPolicy(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode)
         self.async_save = bool(async_save)
         self.max_shard_size = max_shard_size
-        self.writer = _default_writer() if writer is None else bool(writer)
+        self.writer = is_writer() if writer is None else bool(writer)
         self.resumed_from: str | None = None
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -197,13 +208,19 @@ class CheckpointManager:
         self._written: set[str] = set()  # names this manager committed (safe to promote)
         self._cleaned = False
         self._warned_monitor = False
+        self._staging = StagingArea()
+        self._hasher = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if save_threads > 1 else None
+        )
+        atexit.register(_wait_at_exit, weakref.ref(self))
 
     @property
     def root(self) -> str:
         return self.storage.url
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self.root!r}, keep_last={self.retention.keep_last}, monitor={self.retention.monitor!r})"
+        policy = self.retention
+        return f"CheckpointManager({self.root!r}, keep_last={policy.keep_last}, monitor={policy.monitor!r})"
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -329,11 +346,15 @@ class CheckpointManager:
         return info
 
     def _snapshot(self, job: _Job) -> None:
-        """Copy every tensor to host memory so training may change the originals right away."""
-        job.model = {k: v.detach().to("cpu", copy=True) for k, v in job.model.items()}
+        """Copy every tensor into the reused staging buffers so training may change the originals now."""
+        flat = {f"model/{k}": v for k, v in job.model.items()}
+        if job.training is not None:
+            flat.update({f"training/{k}": v for k, v in job.training[1].items()})
+        snap = self._staging.snapshot(flat)
+        job.model = {k: snap[f"model/{k}"] for k in job.model}
         if job.training is not None:
             skeleton, tensors = job.training
-            job.training = (skeleton, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()})
+            job.training = (skeleton, {k: snap[f"training/{k}"] for k in tensors})
 
     def _run_background(self, job: _Job) -> CheckpointInfo:
         try:
@@ -366,21 +387,23 @@ class CheckpointManager:
         self._after_commit()
         return self._committed(info.name) or info
 
-    def _write_files(self, txn: Any, job: _Job) -> list[FileEntry]:
-        entries: list[FileEntry] = []
+    def _write_files(self, txn: Any, job: _Job) -> builtins.list[FileEntry]:
+        entries: builtins.list[FileEntry] = []
         plan = plan_model_files(job.model, max_shard_size=self.max_shard_size)
         metadata = {"format": "pt"}
         if plan.aliases:
             metadata["ckpt_callback.aliases"] = json.dumps(plan.aliases, sort_keys=True)
         for filename, tensors in plan.files.items():
-            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata))
+            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata, hasher=self._hasher))
             entries.append(FileEntry(filename, size, sha))
         blobs = dict(job.files)
         if plan.index is not None:
             blobs[MODEL_INDEX] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             skeleton, tensors = job.training
-            size, sha = txn.write(OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}))
+            size, sha = txn.write(
+                OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}, hasher=self._hasher)
+            )
             entries.append(FileEntry(OPTIMIZER_FILE, size, sha))
             state = {"format": "ckpt_callback.training_state/1", "step": job.info.step, "epoch": job.info.epoch,
                      "state": skeleton}
@@ -413,19 +436,28 @@ class CheckpointManager:
         self._warn_monitor(infos)
         self.prune()
 
-    def _warn_monitor(self, infos: Sequence[CheckpointInfo]) -> None:
-        if self._warned_monitor or len(infos) < 2 or self.retention.best(infos) is not None:
+    def _warn_monitor(self, infos: Sequence[CheckpointInfo], *, finished: bool = False) -> None:
+        """Warn once when evaluations happen without the monitored value (or training ends without it)."""
+        if self._warned_monitor or not infos or self.retention.best(infos) is not None:
+            return
+        evaluated = any(i.eval_loss is not None or i.metrics for i in infos)
+        if evaluated or finished:
+            known = sorted({k for i in infos for k in i.metrics} | {
+                k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss)) if v is not None})
+            self.warn_missing_monitor(f"checkpoints under {self.root} record {', '.join(known) or 'no metrics'}")
+
+    def warn_missing_monitor(self, why: str) -> None:
+        """Warn (once per manager) that ``monitor`` never appears, so no checkpoint is tagged best.
+
+        Integrations that know which metrics exist call this with ``why`` naming them.
+        """
+        if self._warned_monitor:
             return
         self._warned_monitor = True
-        known = sorted({k for i in infos for k in i.metrics} | {
-            k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss)) if v is not None})
-        warnings.warn(
-            f"monitor {self.retention.monitor!r} has not appeared in any checkpoint under {self.root} "
-            f"(known: {', '.join(known) or 'none'}); no checkpoint is tagged best until it does",
-            CheckpointWarning,
-            stacklevel=4,
-        )
-        logger.warning("monitor %r not found in checkpoint metrics; no best tag", self.retention.monitor)
+        message = (f"monitor {self.retention.monitor!r} never appears ({why}); no checkpoint is tagged best "
+                   "until it does: pass monitor= one of those names")
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
+        logger.warning("%s", message)
 
     def update_metrics(
         self,
@@ -456,7 +488,9 @@ class CheckpointManager:
             if job is not None and job.info.step == step:
                 job.info = merge(job.info)  # the background writer has not written its sidecar yet
                 return job.info
-        self.wait()
+        if not any(i.step == step for i in self._scan()):
+            return None  # nothing to update: do not wait for a background save
+        self.wait()  # it may be re-tagging sidecars; rewrite after it, from a fresh read
         match = [i for i in self._scan() if i.step == step]
         if not match:
             return None
@@ -486,20 +520,23 @@ class CheckpointManager:
             self.wait()
 
     def close(self) -> None:
-        """Wait for the last save and release the background thread."""
+        """Wait for the last save and release the background threads and staging buffers."""
         try:
             self.wait()
+            if self._written and self.writer:
+                self._warn_monitor(self._scan(), finished=True)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._staging = StagingArea()
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _scan(self) -> list[CheckpointInfo]:
+    def _scan(self) -> builtins.list[CheckpointInfo]:
         """Every committed checkpoint, read from the sidecars; malformed ones skipped with a warning."""
         folders = [n for n, kind in self.storage.list_dir() if kind == "directory" and not n.startswith(".")]
-        infos: list[CheckpointInfo] = []
+        infos: builtins.list[CheckpointInfo] = []
         for folder in folders:
             try:
                 raw = self.storage.read_bytes(f"{folder}/{SIDECAR_NAME}")
@@ -636,7 +673,7 @@ class CheckpointManager:
         self.storage.remove(f"{name}/{SIDECAR_NAME}")
         self.storage.remove_tree(name)
 
-    def prune(self, *, keep_last: int | None = None, dry_run: bool = False) -> list[CheckpointInfo]:
+    def prune(self, *, keep_last: int | None = None, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
         """Apply retention now; return the checkpoints removed (or that would be, with ``dry_run``).
 
         Never removes the best ``keep_best``, a final or manual one, the newest, or the one
@@ -657,7 +694,7 @@ class CheckpointManager:
             self.cleanup_incomplete()
         return doomed
 
-    def cleanup_incomplete(self) -> list[str]:
+    def cleanup_incomplete(self) -> builtins.list[str]:
         """Remove folders left by saves that never committed (crashed writers); return their names."""
         if not self.storage.exists():
             return []
@@ -708,14 +745,16 @@ class CheckpointManager:
             state[alias] = state[target]
         return state
 
-    def _read_tensors(self, info: CheckpointInfo, rel: str, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _read_tensors(
+        self, info: CheckpointInfo, rel: str, verify: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         entry = _entry(info, rel)
         where = self.storage.display(info.name, rel)
         if entry is None:
             raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
         try:
             with self.storage.open_read(f"{info.name}/{rel}") as raw:
-                stream = _HashingReader(raw) if verify else raw
+                stream = _HashingReader(raw, self._hasher) if verify else raw
                 tensors, metadata = read_safetensors(stream, where=where)
                 if verify:
                     assert isinstance(stream, _HashingReader)
@@ -767,6 +806,11 @@ class CheckpointManager:
         if model is not None:
             module = unwrap_model(model)
             state = self.load(info.name, verify=verify)
+            live = module.state_dict()
+            loaded = {_storage_id(live[k]): k for k in state if k in live}
+            for key, tensor in live.items():  # tied copies a writer dropped (HF layout) come from their twin
+                if key not in state and _storage_id(tensor) in loaded:
+                    state[key] = state[loaded[_storage_id(tensor)]]
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
             if device.type != "cpu":
                 state = {k: v.to(device) for k, v in state.items()}
@@ -810,7 +854,7 @@ class CheckpointManager:
         show = progress if progress is not None else (sys.stderr.isatty() and info.size > 4 << 20)
         from tqdm.auto import tqdm
 
-        with tqdm(total=info.size, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+        with tqdm(total=info.size, unit="B", unit_scale=True, disable=not show,
                   desc=f"{info.name}") as bar:
             for entry in info.files:
                 out = target / entry.path
@@ -853,7 +897,7 @@ class CheckpointManager:
                 ) from exc
         return urls
 
-    def verify(self, name: str | None = None) -> list[VerifyResult]:
+    def verify(self, name: str | None = None) -> builtins.list[VerifyResult]:
         """Re-hash the files of checkpoint ``name`` (default: every checkpoint) against the sidecar.
 
         Returns one `VerifyResult` per checkpoint; ``problems`` names each missing, truncated
@@ -864,7 +908,7 @@ class CheckpointManager:
             self._require_root()
         return [VerifyResult(info.name, self._problems(info)) for info in infos]
 
-    def _problems(self, info: CheckpointInfo) -> list[str]:
+    def _problems(self, info: CheckpointInfo) -> builtins.list[str]:
         problems = []
         for entry in info.files:
             rel = f"{info.name}/{entry.path}"
@@ -882,11 +926,18 @@ class CheckpointManager:
         return problems
 
 
-def _default_writer() -> bool:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return True
+def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
+    """At interpreter exit, let the last background save commit (and say so if it failed)."""
+    manager = ref()
+    if manager is not None and manager._pending is not None:
+        try:
+            manager.wait()
+        except SaveError as exc:
+            logger.error("the last checkpoint was not saved: %s", exc)
+
+
+def _storage_id(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def _entry(info: CheckpointInfo, rel: str) -> FileEntry | None:
@@ -903,11 +954,15 @@ def _check_entry(entry: FileEntry, size: int, sha256: str, where: str) -> None:
 
 
 class _HashingReader:
-    """A read-only stream that hashes every byte passing through it."""
+    """A read-only stream that hashes every byte passing through it.
 
-    def __init__(self, raw: Any) -> None:
+    With a ``hasher`` thread the hashing runs beside the reads: only for callers that read into
+    memory they keep (tensors), never into a reused buffer.
+    """
+
+    def __init__(self, raw: Any, hasher: concurrent.futures.Executor | None = None) -> None:
         self.raw = raw
-        self.digest = hashlib.sha256()
+        self.digest = ParallelDigest(hasher)
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -929,15 +984,15 @@ class _HashingReader:
         return n
 
     def drain(self) -> None:
-        buffer = memoryview(bytearray(8 << 20))
-        while self.readinto(buffer):
+        """Read (and hash) to the end."""
+        while self.read(8 << 20):
             pass
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
 
 
-def _sort(infos: Sequence[CheckpointInfo], sort_by: str, *, descending: bool) -> list[CheckpointInfo]:
+def _sort(infos: Sequence[CheckpointInfo], sort_by: str, *, descending: bool) -> builtins.list[CheckpointInfo]:
     """Sort by ``sort_by``; entries without the value go last either way; ties by step, time, name."""
     attr = _SORT_ALIASES.get(sort_by)
     known_metrics = {k for i in infos for k in i.metrics}

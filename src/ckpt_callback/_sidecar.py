@@ -12,6 +12,7 @@ import math
 import re
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -250,7 +251,7 @@ def clean_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Keep the finite numeric entries of ``metrics``, by their own names."""
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():

@@ -226,9 +226,9 @@ class Storage:
         target = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb", buffering=0) as f:
-                result = produce(f)
-                os.fsync(f.fileno())
+            with open(target, "wb", buffering=0) as local:
+                result = produce(local)
+                os.fsync(local.fileno())
             return result
         if hasattr(self.fs, "call_s3"):
             f: Any = _S3MultipartWriter(self.fs, target, UPLOAD_PART_SIZE, UPLOAD_PARTS_IN_FLIGHT)

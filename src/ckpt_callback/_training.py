@@ -39,7 +39,8 @@ def describe_model(state: Any) -> tuple[str | None, str]:
     config = getattr(state, "config", None)
     name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
     if config is not None and "transformers" in sys.modules:
-        version = getattr(config, "transformers_version", None) or sys.modules["transformers"].__version__
+        # The running transformers, not config.transformers_version (whoever wrote a downloaded config).
+        version = sys.modules["transformers"].__version__
         return (name or getattr(config, "model_type", None) or type(state).__name__), str(version)
     if isinstance(state, torch.nn.Module):
         return type(state).__name__, torch.__version__
