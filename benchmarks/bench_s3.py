@@ -81,7 +81,7 @@ def main() -> None:
         f"`python benchmarks/bench_s3.py --mb {args.mb} --runs {args.runs}`: a {size / 1e6:.0f} MB state "
         f"(10 float32 tensors), {args.runs} runs each in a fresh process; {os.cpu_count()} cores.",
         "",
-        "| method | median s [min–max] | MB/s | throughput vs s3fs.put | peak extra RSS |",
+        "| method | median s [min-max] | MB/s | throughput vs s3fs.put | peak extra RSS |",
         "| --- | --- | --- | --- | --- |",
     ]
     for method, label in (("s3fs_put", "`s3fs.put_file` of a local safetensors file (baseline)"),
@@ -89,8 +89,8 @@ def main() -> None:
         secs = [r["seconds"] for r in rows[method]]
         med = statistics.median(secs)
         lines.append(
-            f"| {label} | {med:.2f} [{min(secs):.2f}–{max(secs):.2f}] | {size / med / 1e6:.0f} | "
-            f"{base / med:.2f}× | {max(r['extra'] for r in rows[method]) / 2**20:.0f} MiB |"
+            f"| {label} | {med:.2f} [{min(secs):.2f}-{max(secs):.2f}] | {size / med / 1e6:.0f} | "
+            f"{base / med:.2f}x | {max(r['extra'] for r in rows[method]) / 2**20:.0f} MiB |"
         )
     section = "\n".join(lines) + "\n"
     print(section)

@@ -75,7 +75,7 @@ def main() -> None:
         eval_loss = "-" if info.eval_loss is None else f"{info.eval_loss:.4f}"
         print(f"  {info.name:<16} {info.type:<9} step {info.step:4d}  evalLoss {eval_loss}  {info.size} bytes")
     problems = [r for r in manager.verify() if not r.ok]
-    print(f"verified: {'all good' if not problems else problems}")
+    print(f"verified: {problems or 'all good'}")
 
     restored = make_model()
     info = manager.restore("latest", model=restored, rng=False)

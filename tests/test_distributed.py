@@ -1,6 +1,6 @@
 """Two processes under real `torchrun` on CPU (gloo): the HF Trainer with DDP, and the plain CheckpointHook.
 
-Each run checks that exactly one process writes (only rank 0 logs "saved ..."), that all ranks
+Each run checks that exactly one process writes (only rank 0 logs a "saved ..." record), that all ranks
 agree on the step and on the best checkpoint, that every checkpoint on storage is committed and
 verifies, and that nothing hangs (every launch has a timeout and its whole process group is
 killed when it runs out).
@@ -9,13 +9,15 @@ killed when it runs out).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,10 +29,12 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
 
 
-def torchrun(script: Path, *args: str, timeout: float = 90) -> dict[int, dict[str, str]]:
-    """Run ``script`` on 2 processes; return each rank's ``KEY value`` report and check the logs."""
+def torchrun(script: Path, *args: str, timeout: float = 90, writes: bool = True) -> dict[int, dict[str, Any]]:
+    """Run ``script`` on 2 processes; return the report each rank wrote to ``$REPORT_DIR/rank-N.json``."""
+    reports_dir = script.parent / f"reports-{uuid.uuid4().hex[:8]}"
+    reports_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "REPORT_DIR": str(reports_dir)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -41,14 +45,10 @@ def torchrun(script: Path, *args: str, timeout: float = 90) -> dict[int, dict[st
         output, _ = proc.communicate()
         raise AssertionError(f"torchrun did not finish in {timeout}s (a hang?):\n{output[-4000:]}") from None
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
-    reports = {}
-    for line in output.splitlines():
-        if line.startswith("REPORT "):
-            fields = dict(re.findall(r"(\w+)=(\S+)", line))
-            reports[int(fields["rank"])] = fields
+    reports = {int(p.stem[5:]): json.loads(p.read_text()) for p in sorted(reports_dir.glob("rank-*.json"))}
     assert sorted(reports) == [0, 1], output[-4000:]
-    saved = re.findall(r"^RANK (\d) LOG saved (\S+)", output, flags=re.MULTILINE)
-    assert saved and {rank for rank, _ in saved} == {"0"}, f"writers: {saved}"  # exactly one writer
+    reports = {rank: reports[rank] for rank in (0, 1)}
+    assert bool(reports[0]["saved"]) is writes and not reports[1]["saved"], reports  # one process writes
     return reports
 
 
@@ -72,13 +72,26 @@ def params_digest(root: str, name: str) -> str:
 
 HF_SCRIPT = textwrap.dedent(
     """
-    import hashlib, logging, os, sys
+    import hashlib, json, logging, os, sys
     import torch
-    from ckpt_callback import CheckpointCallback
+    from ckpt_callback import CheckpointCallback, StorageError
     from test_hf import fixed_scores, tiny_trainer
 
     rank = int(os.environ["RANK"])
-    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format=f"RANK {rank} LOG %(message)s")
+
+    class Saves(logging.Handler):  # counts the "saved checkpoint-N" records of this process
+        names = []
+        def emit(self, record):
+            if record.getMessage().startswith("saved "):
+                self.names.append(record.getMessage().split()[1])
+
+    def report(**fields):
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        fields.update(rank=rank, saved=Saves.names, params=hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16])
+        with open(os.path.join(os.environ["REPORT_DIR"], f"rank-{rank}.json"), "w") as f:
+            json.dump(fields, f)
+
+    logging.getLogger("ckpt_callback").addHandler(Saves())
     logging.getLogger("ckpt_callback").setLevel(logging.INFO)
     root, out, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     scores = [0.5, 0.9, 0.7] if max_steps == 12 else [0.1]
@@ -86,12 +99,15 @@ HF_SCRIPT = textwrap.dedent(
     trainer = tiny_trainer(out, [callback], max_steps=max_steps, ddp_backend="gloo",
                            compute_metrics=fixed_scores(scores))
     start = callback.resume_from()
-    trainer.train(resume_from_checkpoint=start)
-    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    print(f"REPORT rank={rank} world={torch.distributed.get_world_size()} writer={callback.manager.writer} "
-          f"start={os.path.basename(start or '-')} step={trainer.state.global_step} "
-          f"best={callback.manager.best().name} params={hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]}",
-          flush=True)
+    try:
+        trainer.train(resume_from_checkpoint=start)
+    except StorageError as exc:  # an unwritable root: every rank must get here, none may hang
+        model = trainer.model
+        report(error=str(exc), step=trainer.state.global_step)
+        sys.exit(0)
+    model = trainer.model
+    report(world=torch.distributed.get_world_size(), writer=callback.manager.writer, step=trainer.state.global_step,
+           start=start and os.path.basename(start), best=callback.manager.best().name)
     """
 )
 
@@ -102,9 +118,9 @@ def test_hf_trainer_ddp_under_torchrun(tmp_path: Path):
     root, out = str(tmp_path / "ckpts"), str(tmp_path / "out")
 
     reports = torchrun(script, root, out, "12")
-    assert {r["world"] for r in reports.values()} == {"2"}
-    assert [reports[0]["writer"], reports[1]["writer"]] == ["True", "False"]
-    assert {r["step"] for r in reports.values()} == {"12"} and {r["start"] for r in reports.values()} == {"-"}
+    assert [(r["world"], r["writer"], r["start"], r["step"]) for r in reports.values()] == [
+        (2, True, None, 12), (2, False, None, 12)]
+    assert reports[0]["saved"] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     assert {r["best"] for r in reports.values()} == {"checkpoint-8"}  # all ranks agree on the best
     assert reports[0]["params"] == reports[1]["params"] == params_digest(root, "checkpoint-8")  # best loaded at end
     manager = assert_committed(root)
@@ -114,16 +130,14 @@ def test_hf_trainer_ddp_under_torchrun(tmp_path: Path):
 
     # a second launch resumes from the latest checkpoint on every rank and trains 4 more steps
     reports = torchrun(script, root, out, "16")
-    assert {r["start"] for r in reports.values()} == {"checkpoint-12"}
-    assert {r["step"] for r in reports.values()} == {"16"}
-    assert reports[0]["params"] == reports[1]["params"]
-    assert {r["best"] for r in reports.values()} == {"checkpoint-8"}
+    assert [(r["start"], r["step"], r["best"]) for r in reports.values()] == [("checkpoint-12", 16, "checkpoint-8")] * 2
+    assert reports[0]["saved"] == ["checkpoint-16"] and reports[0]["params"] == reports[1]["params"]
     assert assert_committed(root).get("final").step == 16
 
 
 HOOK_SCRIPT = textwrap.dedent(
     """
-    import hashlib, logging, os, sys
+    import hashlib, json, logging, os, sys
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -131,7 +145,20 @@ HOOK_SCRIPT = textwrap.dedent(
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format=f"RANK {rank} LOG %(message)s")
+
+    class Saves(logging.Handler):  # counts the "saved checkpoint-N" records of this process
+        names = []
+        def emit(self, record):
+            if record.getMessage().startswith("saved "):
+                self.names.append(record.getMessage().split()[1])
+
+    def report(**fields):
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        fields.update(rank=rank, saved=Saves.names, params=hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16])
+        with open(os.path.join(os.environ["REPORT_DIR"], f"rank-{rank}.json"), "w") as f:
+            json.dump(fields, f)
+
+    logging.getLogger("ckpt_callback").addHandler(Saves())
     logging.getLogger("ckpt_callback").setLevel(logging.INFO)
     root, total = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
@@ -147,9 +174,7 @@ HOOK_SCRIPT = textwrap.dedent(
             hook.step(step, loss=loss.item())
             if step % 2 == 0:
                 hook.evaluate(step, eval_loss=evals[step])
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
-    print(f"REPORT rank={rank} writer={hook.manager.writer} start={start} best={hook.manager.best().name} "
-          f"params={hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]}", flush=True)
+    report(world=dist.get_world_size(), writer=hook.manager.writer, start=start, best=hook.manager.best().name)
     dist.destroy_process_group()
     """
 )
@@ -161,13 +186,21 @@ def test_plain_hook_ddp_under_torchrun(tmp_path: Path):
     root = str(tmp_path / "ckpts")
 
     reports = torchrun(script, root, "6")
-    assert [reports[0]["writer"], reports[1]["writer"]] == ["True", "False"]
-    assert {r["best"] for r in reports.values()} == {"checkpoint-4"}
+    assert [(r["world"], r["writer"], r["start"], r["best"]) for r in reports.values()] == [
+        (2, True, 0, "checkpoint-4"), (2, False, 0, "checkpoint-4")]
+    assert reports[0]["saved"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the final one is a re-tag
     assert reports[0]["params"] == reports[1]["params"]
 
     reports = torchrun(script, root, "10")  # resumes at step 6 on both ranks
-    assert {r["start"] for r in reports.values()} == {"6"}
-    assert {r["best"] for r in reports.values()} == {"checkpoint-4"}
-    assert reports[0]["params"] == reports[1]["params"]
+    assert [(r["start"], r["best"]) for r in reports.values()] == [(6, "checkpoint-4")] * 2
+    assert reports[0]["saved"] == ["checkpoint-8", "checkpoint-10"] and reports[0]["params"] == reports[1]["params"]
     manager = assert_committed(root)
     assert manager.get("best").name == "checkpoint-4" and manager.get("final").step == 10
+
+
+def test_unwritable_root_fails_on_every_rank_without_a_hang(tmp_path: Path):
+    script = tmp_path / "train_hf.py"
+    script.write_text(HF_SCRIPT)
+    (tmp_path / "a-file").write_text("not a folder")
+    reports = torchrun(script, str(tmp_path / "a-file" / "ckpts"), str(tmp_path / "out"), "12", writes=False)
+    assert all("cannot be written" in r["error"] and r["step"] == 0 for r in reports.values()), reports

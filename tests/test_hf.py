@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from transformers import (
 from transformers import __version__ as transformers_version
 
 from ckpt_callback import CheckpointCallback, CheckpointManager, CheckpointWarning, InvalidArgumentError, StorageError
-from conftest import run_python
+from conftest import make_root, run_python
 
 TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -121,9 +122,9 @@ def fixed_scores(values: list[float]):
 
 
 def test_checkpoints_load_with_from_pretrained_and_carry_the_trainer_metrics(tmp_path: Path):
-    root = "memory://hf-main"  # a remote root: from_pretrained goes through `download`
+    root = f"memory://hf-main-{uuid.uuid4().hex}"  # a remote root: from_pretrained goes through `download`
     callback = CheckpointCallback(root, keep_last=3, monitor="score", mode="max", max_shard_size="40KB",
-                                  load_best_at_end=True)
+                                  load_best_at_end=True, async_save=True)
     recorder = Recorder(steps=(4, 8, 12))
     trainer = tiny_trainer(str(tmp_path / "out"), [callback, recorder], compute_metrics=fixed_scores([0.5, 0.9, 0.7]))
     trainer.train()
@@ -147,7 +148,8 @@ def test_checkpoints_load_with_from_pretrained_and_carry_the_trainer_metrics(tmp
         assert not any(p.endswith((".pt", ".pth", ".bin")) for p in paths)  # nothing pickled
 
         folder = callback.manager.download(name, tmp_path / name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        loaded, report = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not any(report.values()), report  # no missing, unexpected or mismatched weights
         assert torch.equal(live_logits(loaded), recorder.logits[step]), name
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert tokenizer("the lazy dog")["input_ids"] == trainer.processing_class("the lazy dog")["input_ids"]
@@ -180,7 +182,7 @@ RESUME = textwrap.dedent(
     trainer = tiny_trainer(out, [callback])
     start = callback.resume_from()
     trainer.train(resume_from_checkpoint=start)
-    print("RESUMED", start, trainer.state.global_step)
+    print("RESUMED", start.rsplit("/", 1)[-1], trainer.state.global_step)
     """
 )
 
@@ -211,8 +213,10 @@ def assert_same_parameters(resumed: dict[str, torch.Tensor], straight: dict[str,
     assert all(torch.equal(resumed[k], v) for k, v in straight.items()), f"max abs diff {diff}"
 
 
-def test_resume_in_a_new_process_equals_a_straight_run(tmp_path: Path, straight: dict[str, torch.Tensor]):
-    root = str(tmp_path / "ckpts")
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_resume_in_a_new_process_equals_a_straight_run(tmp_path: Path, straight: dict[str, torch.Tensor],
+                                                        backend: str, request: pytest.FixtureRequest):
+    root = make_root(backend, tmp_path, request)
     first = tiny_trainer(str(tmp_path / "out"), [CheckpointCallback(root, keep_last=2), Preempt(after=6)],
                          save_steps=6)
     with pytest.raises(KeyboardInterrupt):
@@ -220,7 +224,7 @@ def test_resume_in_a_new_process_equals_a_straight_run(tmp_path: Path, straight:
     assert [i.name for i in CheckpointManager(root).list()] == ["checkpoint-6"]
 
     proc = run_python(RESUME, root, str(tmp_path / "out"), timeout=120)
-    assert f"RESUMED {root}/checkpoint-6 12" in proc.stdout
+    assert "RESUMED checkpoint-6 12" in proc.stdout
     manager = CheckpointManager(root)
     assert [(i.name, i.type) for i in manager.list(sort_by="step")] == [("checkpoint-12", "final"),
                                                                         ("checkpoint-6", "automatic")]
@@ -228,7 +232,7 @@ def test_resume_in_a_new_process_equals_a_straight_run(tmp_path: Path, straight:
 
 
 def test_resume_from_a_remote_root_at_an_epoch_boundary(tmp_path: Path, straight: dict[str, torch.Tensor]):
-    root = "memory://hf-resume"
+    root = f"memory://hf-resume-{uuid.uuid4().hex}"
     first = tiny_trainer(str(tmp_path / "out"), [CheckpointCallback(root), Preempt(after=8)], save_steps=4)
     with pytest.raises(KeyboardInterrupt):
         first.train()  # stopped at the end of epoch 2
@@ -252,16 +256,21 @@ def test_unwritable_root_fails_before_the_first_step(tmp_path: Path):
     assert recorder.began == [] and trainer.state.global_step == 0
 
 
-def test_monitor_the_trainer_never_produces_is_warned_about_once(tmp_path: Path):
-    callback = CheckpointCallback(str(tmp_path / "ckpts"), monitor="eval_accuracy", mode="max")
-    trainer = tiny_trainer(str(tmp_path / "out"), [callback], max_steps=6, eval_steps=2, save_steps=2)
+@pytest.mark.parametrize(("monitor", "warned"), [("eval_accuracy", 1), ("evalLoss", 0)])
+def test_monitor_the_trainer_never_produces_is_warned_about_once(tmp_path: Path, monitor: str, warned: int):
+    # saves every step, evaluates every 3rd: checkpoints without eval metrics are no reason to warn
+    callback = CheckpointCallback(str(tmp_path / "ckpts"), monitor=monitor, keep_last=None)
+    trainer = tiny_trainer(str(tmp_path / "out"), [callback], max_steps=6, eval_steps=3, save_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
     monitor_warnings = [w for w in caught if issubclass(w.category, CheckpointWarning) and "monitor" in str(w.message)]
-    assert len(monitor_warnings) == 1, [str(w.message) for w in monitor_warnings]
-    assert "eval_loss" in str(monitor_warnings[0].message)  # names what the Trainer does produce
-    assert callback.manager.best() is None
+    assert len(monitor_warnings) == warned, [str(w.message) for w in monitor_warnings]
+    if warned:
+        assert "eval_loss" in str(monitor_warnings[0].message)  # names what the Trainer does produce
+        assert callback.manager.best() is None
+    else:
+        assert callback.manager.best().name == "checkpoint-6"
 
 
 class PlainLM(torch.nn.Module):
@@ -277,6 +286,7 @@ class PlainLM(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
 
 
+@pytest.mark.filterwarnings("ignore::ckpt_callback.CheckpointWarning")
 def test_plain_module_on_its_own_schedule_is_not_inference_ready(tmp_path: Path):
     torch.manual_seed(0)
     callback = CheckpointCallback(str(tmp_path / "ckpts"), every_n_steps=1)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ._distributed import barrier, from_rank0
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError, StorageError
-from ._hook import _barrier
 from ._manager import TRAINING_STATE_FILE, CheckpointManager, CheckpointWarning
 from ._policy import SavePolicy
 from ._sidecar import CheckpointInfo, clean_metrics
@@ -82,6 +82,7 @@ class CheckpointCallback(TrainerCallback):
         self._rng: Any = None  # RNG states to put back once the resumed run reaches the saved point
         self._rng_at_epoch = False
         self._processor: tuple[Any, dict[str, bytes]] | None = None  # (processing_class, its files)
+        self._warned_monitor = False
 
     def resume_from(self, name: str = "latest") -> str | None:
         """A local folder to pass as ``trainer.train(resume_from_checkpoint=...)``; None if the root is empty.
@@ -120,12 +121,15 @@ class CheckpointCallback(TrainerCallback):
                 self.manager.storage.check_writable()
             except StorageError as exc:
                 problem = str(exc)
-        problem = _from_rank0(problem)
+        problem = from_rank0(problem)
         if problem:
             raise StorageError(problem)
         self._due, self._saved_step, self._saved_time = False, None, time.monotonic()
         if state.global_step > 0:
             self._restore(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+        # This callback knows when the Trainer's metrics arrive, so it warns instead of the manager's
+        # guess (which would fire when two checkpoints were saved before the first evaluation).
+        self.manager._warned_monitor = True  # the callback warns with the Trainer's metric names
         monitor = self.manager.retention.monitor
         if args.eval_strategy == "no" and (monitor in ("evalLoss", "eval_loss") or monitor.startswith("eval_")):
             self._warn_monitor("the Trainer never evaluates (eval_strategy='no')")
@@ -152,18 +156,16 @@ class CheckpointCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
-        metrics = _step_metrics(state.log_history, step)  # the eval metrics are logged before on_evaluate
-        probe = CheckpointInfo(name="probe", step=step, train_loss=_nearest_loss(state.log_history, step),
-                               eval_loss=metrics.get("eval_loss"), metrics=metrics)
-        if probe.metric(self.manager.retention.monitor) is None:
-            self._warn_monitor(f"the Trainer's metrics at step {step} are {', '.join(sorted(metrics))}")
+        self._check_monitor(state.log_history)  # the eval metrics are logged before on_evaluate
+        metrics = _step_metrics(state.log_history, step)
         if not self._due and self._saved_step == step:  # evaluated after this step's checkpoint was saved
             self.manager.update_metrics(step, eval_loss=metrics.get("eval_loss"), metrics=metrics)
-            _barrier()
+            barrier()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._due = False
         self._save(args, state, control, kwargs, "final")
+        self._check_monitor(state.log_history)
         load_best = args.load_best_model_at_end if self.load_best_at_end is None else self.load_best_at_end
         if load_best:
             self._load_best(kwargs["model"])
@@ -178,7 +180,7 @@ class CheckpointCallback(TrainerCallback):
             due = self.policy.should_save(state.global_step, last_step=self._saved_step,
                                           last_time=self._saved_time, now=time.monotonic())
             if self.policy.every_n_seconds is not None:  # clocks differ: rank 0 decides for everyone
-                due = bool(_from_rank0(due))
+                due = bool(from_rank0(due))
         control.should_save = False
         self._due = self._due or (due and state.global_step != self._saved_step)
 
@@ -199,7 +201,7 @@ class CheckpointCallback(TrainerCallback):
                 if type == "final":
                     self.manager.close()  # a background save is committed too
         finally:
-            _barrier()  # no rank goes on (or reads) before the checkpoint is committed
+            barrier()  # no rank goes on (or reads) before the checkpoint is committed
         self._saved_step, self._saved_time = step, time.monotonic()
         return info
 
@@ -289,10 +291,20 @@ class CheckpointCallback(TrainerCallback):
             )
         logger.info("loaded the best checkpoint %s (step %d) into the model", best.name, best.step)
 
+    def _check_monitor(self, log_history: list[dict[str, Any]]) -> None:
+        """Warn if nothing the Trainer logged so far gives the monitored value."""
+        seen: dict[str, Any] = {}
+        for entry in log_history:
+            seen.update(entry)
+        probe = CheckpointInfo(name="probe", step=0, epoch=seen.get("epoch"), train_loss=seen.get("loss"),
+                               eval_loss=seen.get("eval_loss"), metrics=clean_metrics(seen))
+        if probe.metric(self.manager.retention.monitor) is None:
+            self._warn_monitor(f"the Trainer's metrics are {', '.join(sorted(probe.metrics))}")
+
     def _warn_monitor(self, why: str) -> None:
-        if self.manager._warned_monitor:
+        if self._warned_monitor:
             return
-        self.manager._warned_monitor = True  # one warning, not one more from the manager later
+        self._warned_monitor = True
         monitor = self.manager.retention.monitor
         warnings.warn(f"monitor {monitor!r} is never produced: {why}; no checkpoint is tagged best until it "
                       "appears (pass monitor= one of the Trainer's metric names)", CheckpointWarning, stacklevel=3)
@@ -342,12 +354,3 @@ def _transformers_version() -> str:
 
     return transformers.__version__
 
-
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank, so all of them take the same decision."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
