@@ -117,7 +117,8 @@ class RetentionPolicy:
         """Checkpoints retention removes, oldest first.
 
         Never the final, manual, newest, ``protect``-ed (e.g. the one training resumed from),
-        one of the ``keep_best`` best, or the one tagged ``best`` (unless ``keep_best`` is 0). ``keep_last`` overrides the policy's own for one call.
+        one of the ``keep_best`` best, or the one tagged ``best`` (unless ``keep_best`` is 0).
+        ``keep_last`` overrides the policy's own for one call.
         """
         limit = self.keep_last if keep_last is None else keep_last
         if limit is None:
