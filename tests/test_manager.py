@@ -23,6 +23,7 @@ from ckpt_callback import (
     SaveError,
     StorageError,
 )
+from conftest import run_python
 
 
 def state(value: float = 1.0) -> dict[str, torch.Tensor]:
@@ -398,3 +399,38 @@ def test_async_snapshot_keeps_tied_weights_tied_and_reuses_buffers(root, tiny_ne
 
 def make_root_like(root: str) -> str:
     return root.rstrip("/") + "-sync"
+
+
+def test_restore_fills_the_models_own_tensors(root, tiny_net):
+    m = CheckpointManager(root)
+    m.save(tiny_net, step=1)
+    expected = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in tiny_net.state_dict().items()}
+    with torch.no_grad():
+        for p in tiny_net.parameters():
+            p.zero_()
+    m.restore("latest", model=tiny_net)
+    live = tiny_net.state_dict()
+    assert all(torch.equal(live[k], expected[k]) for k in expected)
+    assert {k: v.data_ptr() for k, v in live.items()} == pointers
+    assert tiny_net.head.weight is tiny_net.embed.weight
+
+
+def test_restore_from_a_corrupt_file_says_the_model_is_partly_loaded(root, tiny_net):
+    m = CheckpointManager(root)
+    m.save(tiny_net, step=1)
+    corrupt(root, "checkpoint-1/model.safetensors", "flip")
+    with pytest.raises(CorruptCheckpointError, match="partly loaded"):
+        m.restore("latest", model=tiny_net)
+
+
+def test_interpreter_exit_waits_for_the_last_background_save(tmp_path):
+    code = (
+        "import sys, torch\n"
+        "from ckpt_callback import CheckpointManager\n"
+        "m = CheckpointManager(sys.argv[1], async_save=True)\n"
+        "m.save({'w': torch.randn(2_000_000)}, step=7)\n"  # no wait(), no close(): just exit
+    )
+    run_python(code, str(tmp_path / "run"))
+    m = CheckpointManager(str(tmp_path / "run"))
+    assert [i.name for i in m.list()] == ["checkpoint-7"] and m.verify()[0].ok

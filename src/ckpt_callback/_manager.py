@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook must be registered before ours
 import hashlib
 import json
 import logging
@@ -212,7 +213,6 @@ class CheckpointManager:
         self._hasher = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if save_threads > 1 else None
         )
-        atexit.register(_wait_at_exit, weakref.ref(self))
 
     @property
     def root(self) -> str:
@@ -343,6 +343,7 @@ class CheckpointManager:
         with self._lock:
             self._inflight = job
         self._pending = self._executor.submit(self._run_background, job)
+        _WITH_PENDING_SAVES.add(self)
         return info
 
     def _snapshot(self, job: _Job) -> None:
@@ -715,11 +716,15 @@ class CheckpointManager:
 
     # --- loading ----------------------------------------------------------------------------------
 
-    def load(self, name: str = "latest", *, verify: bool = True) -> dict[str, torch.Tensor]:
+    def load(
+        self, name: str = "latest", *, verify: bool = True, into: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model state dict (name → CPU tensor) of checkpoint ``name``.
 
         Tied tensors come back as one tensor under each of their names. With ``verify``
-        (the default) every byte read is checked against the sidecar's sha256.
+        (the default) every byte read is checked against the sidecar's sha256. Tensors of
+        ``into`` that match a stored one (name, shape, dtype, contiguous CPU) are filled in
+        place and returned instead of new ones.
 
         Raises:
             CheckpointNotFoundError: no such checkpoint.
@@ -738,7 +743,7 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"checkpoint {info.name!r} in {self.root} lists no model weights file")
         state: dict[str, torch.Tensor] = {}
         for filename in filenames:
-            tensors, metadata = self._read_tensors(info, filename, verify)
+            tensors, metadata = self._read_tensors(info, filename, verify, into=into)
             state.update(tensors)
             aliases.update(aliases_from_metadata(metadata))
         for alias, target in aliases.items():
@@ -746,7 +751,7 @@ class CheckpointManager:
         return state
 
     def _read_tensors(
-        self, info: CheckpointInfo, rel: str, verify: bool
+        self, info: CheckpointInfo, rel: str, verify: bool, *, into: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         entry = _entry(info, rel)
         where = self.storage.display(info.name, rel)
@@ -755,7 +760,7 @@ class CheckpointManager:
         try:
             with self.storage.open_read(f"{info.name}/{rel}") as raw:
                 stream = _HashingReader(raw, self._hasher) if verify else raw
-                tensors, metadata = read_safetensors(stream, where=where)
+                tensors, metadata = read_safetensors(stream, where=where, into=into)
                 if verify:
                     assert isinstance(stream, _HashingReader)
                     stream.drain()
@@ -805,8 +810,15 @@ class CheckpointManager:
         info = self.get(name)
         if model is not None:
             module = unwrap_model(model)
-            state = self.load(info.name, verify=verify)
             live = module.state_dict()
+            # Read straight into the model's own tensors. If a file then fails its hash, the
+            # model holds part of the checkpoint: the error says so.
+            try:
+                state = self.load(info.name, verify=verify, into=live)
+            except CorruptCheckpointError as exc:
+                raise CorruptCheckpointError(
+                    f"{exc}; the model now holds partly loaded weights: restore another checkpoint"
+                ) from exc
             loaded = {_storage_id(live[k]): k for k in state if k in live}
             for key, tensor in live.items():  # tied copies a writer dropped (HF layout) come from their twin
                 if key not in state and _storage_id(tensor) in loaded:
@@ -926,14 +938,23 @@ class CheckpointManager:
         return problems
 
 
-def _wait_at_exit(ref: weakref.ReferenceType[CheckpointManager]) -> None:
-    """At interpreter exit, let the last background save commit (and say so if it failed)."""
-    manager = ref()
-    if manager is not None and manager._pending is not None:
-        try:
-            manager.wait()
-        except SaveError as exc:
-            logger.error("the last checkpoint was not saved: %s", exc)
+_WITH_PENDING_SAVES: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, let every last background save commit (and say so if one failed)."""
+    for manager in list(_WITH_PENDING_SAVES):
+        if manager._pending is not None:
+            try:
+                manager.wait()
+            except SaveError as exc:
+                logger.error("the last checkpoint was not saved: %s", exc)
+
+
+# Threading's exit hooks run in reverse order of registration, before atexit's. Registered after
+# concurrent.futures' own hook, ours runs first, while the executors still take work.
+_register_exit = getattr(threading, "_register_atexit", atexit.register)
+_register_exit(_wait_at_exit)
 
 
 def _storage_id(t: torch.Tensor) -> tuple[Any, ...]:

@@ -238,7 +238,11 @@ class ParallelDigest:
             return
         while len(self._pending) >= _HASH_LAG:
             self._pending.popleft().result()
-        self._pending.append(self._executor.submit(self._digest.update, data))
+        try:
+            self._pending.append(self._executor.submit(self._digest.update, data))
+        except RuntimeError:  # the executor is shut down (interpreter exit): hash here
+            self._drain()
+            self._digest.update(data)
 
     def _drain(self) -> None:
         while self._pending:
@@ -263,12 +267,14 @@ class Readable(Protocol):
 
 
 def read_safetensors(
-    src: Readable, *, where: str = "safetensors file"
+    src: Readable, *, where: str = "safetensors file", into: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors stream into fresh CPU tensors; return (tensors, metadata).
+    """Read a safetensors stream into CPU tensors; return (tensors, metadata).
 
     Each tensor's bytes are read straight into its own memory, so peak memory is the
-    state itself, not the state plus a copy of the file.
+    state itself, not the state plus a copy of the file. A tensor of ``into`` with the same
+    name, shape and dtype (contiguous, on the CPU) is filled in place instead of a new one,
+    e.g. the parameters of the model being restored: no new memory at all.
     """
     (length,) = struct.unpack("<Q", _read_exact(src, 8, where))
     if length > 100 << 20:
@@ -293,7 +299,12 @@ def read_safetensors(
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{where}: bad header entry for {name!r}") from exc
-        tensor = torch.empty(shape, dtype=dtype)
+        target = into.get(name) if into is not None else None
+        if (target is not None and target.device.type == "cpu" and target.dtype == dtype
+                and list(target.shape) == shape and target.is_contiguous()):
+            tensor = target.detach()
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if begin != position or end - begin != nbytes:
             raise CorruptCheckpointError(f"{where}: offsets of {name!r} do not match its shape; the file is corrupt")
