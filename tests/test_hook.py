@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from ckpt_callback import CheckpointHook, CheckpointManager, StorageError
+from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointWarning, StorageError
 from conftest import run_python
 
 TRAIN = textwrap.dedent(
@@ -114,3 +115,16 @@ def test_sidecar_on_disk_is_plain_json(tmp_path, tiny_net):
     assert data["step"] == 1 and data["epoch"] == 0.5 and data["trainLoss"] == 0.25 and data["type"] == "final"
     training = json.loads((tmp_path / "checkpoint-1" / "training_state.json").read_text())
     assert training["step"] == 1 and "rng" in training["state"]
+
+
+def test_evaluation_without_the_monitor_is_warned_about_once(root, tiny_net):
+    hook = CheckpointHook(root, tiny_net, every_n_steps=1, monitor="accuracy", mode="max")
+    with pytest.warns(CheckpointWarning, match=r"'accuracy' never appears \(evaluate\(\) at step 1 gave evalLoss, f1"):
+        hook.step(1, loss=1.0)
+        hook.evaluate(1, eval_loss=0.5, metrics={"f1": 0.3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        hook.step(2, loss=0.9)
+        hook.evaluate(2, eval_loss=0.4, metrics={"f1": 0.4})
+        hook.end()
+    assert all(i.type != "best" for i in hook.manager.list())

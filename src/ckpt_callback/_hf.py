@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from transformers import TrainerCallback
 
 from ._distributed import barrier, from_rank0
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError, StorageError
-from ._manager import TRAINING_STATE_FILE, CheckpointManager, CheckpointWarning
+from ._manager import TRAINING_STATE_FILE, CheckpointManager
 from ._policy import SavePolicy
 from ._sidecar import CheckpointInfo, clean_metrics
 from ._training import restore_rng, unwrap_model
@@ -82,7 +81,6 @@ class CheckpointCallback(TrainerCallback):
         self._rng: Any = None  # RNG states to put back once the resumed run reaches the saved point
         self._rng_at_epoch = False
         self._processor: tuple[Any, dict[str, bytes]] | None = None  # (processing_class, its files)
-        self._warned_monitor = False
 
     def resume_from(self, name: str = "latest") -> str | None:
         """A local folder to pass as ``trainer.train(resume_from_checkpoint=...)``; None if the root is empty.
@@ -115,21 +113,10 @@ class CheckpointCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._writer_given:  # the Trainer's rank, known even if torch.distributed started late
             self.manager.writer = args.process_index == 0
-        problem = None
-        if self.manager.writer:
-            try:
-                self.manager.storage.check_writable()
-            except StorageError as exc:
-                problem = str(exc)
-        problem = from_rank0(problem)
-        if problem:
-            raise StorageError(problem)
+        self.manager.check_writable()
         self._due, self._saved_step, self._saved_time = False, None, time.monotonic()
         if state.global_step > 0:
             self._restore(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-        # This callback knows when the Trainer's metrics arrive, so it warns instead of the manager's
-        # guess (which would fire when two checkpoints were saved before the first evaluation).
-        self.manager._warned_monitor = True  # the callback warns with the Trainer's metric names
         monitor = self.manager.retention.monitor
         if args.eval_strategy == "no" and (monitor in ("evalLoss", "eval_loss") or monitor.startswith("eval_")):
             self._warn_monitor("the Trainer never evaluates (eval_strategy='no')")
@@ -302,13 +289,7 @@ class CheckpointCallback(TrainerCallback):
             self._warn_monitor(f"the Trainer's metrics are {', '.join(sorted(probe.metrics))}")
 
     def _warn_monitor(self, why: str) -> None:
-        if self._warned_monitor:
-            return
-        self._warned_monitor = True
-        monitor = self.manager.retention.monitor
-        warnings.warn(f"monitor {monitor!r} is never produced: {why}; no checkpoint is tagged best until it "
-                      "appears (pass monitor= one of the Trainer's metric names)", CheckpointWarning, stacklevel=3)
-
+        self.manager.warn_missing_monitor(why)  # once per manager, naming what the Trainer produces
 
 def _step_metrics(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
     """Every numeric value the Trainer logged at ``step`` (train log, eval metrics), by its own name."""

@@ -13,7 +13,7 @@ from ._distributed import barrier, from_rank0
 from ._errors import SaveError, StorageError
 from ._manager import CheckpointManager
 from ._policy import SavePolicy
-from ._sidecar import CheckpointInfo
+from ._sidecar import CheckpointInfo, clean_metrics, clean_number
 
 __all__ = ["CheckpointHook"]
 
@@ -61,15 +61,7 @@ class CheckpointHook:
         self.scheduler = scheduler
         self.policy = SavePolicy(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
         self.manager = CheckpointManager(root, **manager_options)
-        problem = None
-        if self.manager.writer:
-            try:
-                self.manager.storage.check_writable()
-            except StorageError as exc:
-                problem = str(exc)
-        problem = from_rank0(problem)  # every rank fails now, not only the writer
-        if problem is not None:
-            raise StorageError(problem)
+        self.manager.check_writable()
         self._step = 0
         self._epoch: float | None = None
         self._train_loss: float | None = None
@@ -120,6 +112,10 @@ class CheckpointHook:
 
     def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
         """Record an evaluation at ``step``; it is added to that step's checkpoint and counts for best."""
+        given = CheckpointInfo(name="evaluation", step=step, train_loss=self._train_loss,
+                               eval_loss=clean_number(eval_loss), metrics=clean_metrics(metrics))
+        if given.metric(self.manager.retention.monitor) is None:
+            self.manager.warn_missing_monitor(f"evaluate() at step {step} gave {', '.join(_names(given)) or 'nothing'}")
         updated = self.manager.update_metrics(step, eval_loss=eval_loss, metrics=metrics)
         if updated is None and (self._saved_step is None or step > self._saved_step):
             # No checkpoint at this step yet: keep it for a save at the same step.
@@ -164,3 +160,6 @@ class CheckpointHook:
         self._saved_step, self._saved_time = self._step, time.monotonic()
         return info
 
+
+def _names(info: CheckpointInfo) -> list[str]:
+    return ["evalLoss"] * (info.eval_loss is not None) + sorted(info.metrics)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._distributed import is_writer
+from ._distributed import from_rank0, is_writer
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -227,6 +227,21 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_writable(self) -> None:
+        """Create the root if needed and prove the writer can write it, before any training step.
+
+        Under torch.distributed every rank raises `StorageError` if the writer (rank 0) cannot.
+        """
+        problem = None
+        if self.writer:
+            try:
+                self.storage.check_writable()
+            except StorageError as exc:
+                problem = str(exc)
+        problem = from_rank0(problem)
+        if problem is not None:
+            raise StorageError(problem)
 
     # --- saving -----------------------------------------------------------------------------------
 
@@ -434,15 +449,15 @@ class CheckpointManager:
         for name, new_type in self.retention.retag(infos).items():
             info = next(i for i in infos if i.name == name)
             self._write_sidecar(info.replace(type=new_type))
-        self._warn_monitor(infos)
         self.prune()
 
-    def _warn_monitor(self, infos: Sequence[CheckpointInfo], *, finished: bool = False) -> None:
-        """Warn once when evaluations happen without the monitored value (or training ends without it)."""
-        if self._warned_monitor or not infos or self.retention.best(infos) is not None:
-            return
-        evaluated = any(i.eval_loss is not None or i.metrics for i in infos)
-        if evaluated or finished:
+    def _warn_monitor_at_end(self, infos: Sequence[CheckpointInfo]) -> None:
+        """When saving ends with no checkpoint carrying the monitored value, say so once.
+
+        Integrations warn earlier, when an evaluation arrives without it (they know what an
+        evaluation is; the manager cannot tell one from a training log).
+        """
+        if infos and self.retention.best(infos) is None:
             known = sorted({k for i in infos for k in i.metrics} | {
                 k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss)) if v is not None})
             self.warn_missing_monitor(f"checkpoints under {self.root} record {', '.join(known) or 'no metrics'}")
@@ -524,8 +539,8 @@ class CheckpointManager:
         """Wait for the last save and release the background threads and staging buffers."""
         try:
             self.wait()
-            if self._written and self.writer:
-                self._warn_monitor(self._scan(), finished=True)
+            if self._written and self.writer and not self._warned_monitor:
+                self._warn_monitor_at_end(self._scan())
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
