@@ -250,12 +250,18 @@ def test_incomplete_folder_is_invisible_and_cleaned_up(root):
     m.save(state(), step=1)
     fs, path = fs_of(root)
     fs.makedirs(f"{path}/checkpoint-2", exist_ok=True)
+    fs.pipe_file(f"{path}/checkpoint-2/.ckpt-incomplete", b"")  # what a crashed save leaves
     fs.pipe_file(f"{path}/checkpoint-2/model.safetensors", b"partial")
+    fs.makedirs(f"{path}/notes", exist_ok=True)
+    fs.pipe_file(f"{path}/notes/todo.txt", b"the user's own folder")
     assert [i.name for i in m.list()] == ["checkpoint-1"] and m.latest().name == "checkpoint-1"
     with pytest.raises(CheckpointNotFoundError, match="incomplete"):
         m.load("checkpoint-2")
     assert CheckpointManager(root).cleanup_incomplete() == ["checkpoint-2"]
-    assert folders(root) == {"checkpoint-1"}
+    assert folders(root) == {"checkpoint-1", "notes"}  # never touches what is not ours
+    with pytest.raises(CheckpointExistsError):
+        m.save(state(), step=3, type="manual", name="notes")
+    assert fs.cat_file(f"{path}/notes/todo.txt") == b"the user's own folder"
 
 
 def test_delete_removes_sidecar_first_and_everything(root):

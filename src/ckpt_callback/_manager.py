@@ -61,7 +61,7 @@ from ._sidecar import (
     validate_name,
 )
 from ._snapshot import StagingArea
-from ._storage import STAGING_PREFIX, Storage, staging_owner_alive
+from ._storage import INCOMPLETE_MARKER, STAGING_PREFIX, Storage, staging_owner_alive
 from ._training import capture_rng, describe_model, model_state, restore_rng, unwrap_model
 
 __all__ = ["CheckpointManager", "CheckpointPage", "CheckpointSummary", "CheckpointWarning", "VerifyResult"]
@@ -686,6 +686,9 @@ class CheckpointManager:
         return info
 
     def _delete_committed(self, name: str) -> None:
+        # Marker first (a crash from here on leaves a folder cleanup knows is ours), then the
+        # sidecar (the checkpoint disappears at once), then the rest.
+        self.storage.write_bytes_atomic(f"{name}/{INCOMPLETE_MARKER}", b"")
         self.storage.remove(f"{name}/{SIDECAR_NAME}")
         self.storage.remove_tree(name)
 
@@ -711,7 +714,12 @@ class CheckpointManager:
         return doomed
 
     def cleanup_incomplete(self) -> builtins.list[str]:
-        """Remove folders left by saves that never committed (crashed writers); return their names."""
+        """Remove folders left by saves (or deletes) that never finished; return their names.
+
+        Only what this library provably wrote is touched: local staging folders of writers that
+        are gone, and folders holding the in-progress marker without a sidecar. Any other folder
+        under the root (another run, the user's own files) is left alone.
+        """
         if not self.storage.exists():
             return []
         removed = []
@@ -722,8 +730,14 @@ class CheckpointManager:
             if folder.startswith(STAGING_PREFIX):
                 if staging_owner_alive(folder):
                     continue
-            elif folder.startswith(".") or self.storage.exists(f"{folder}/{SIDECAR_NAME}"):
+            elif folder.startswith("."):
                 continue
+            elif self.storage.exists(f"{folder}/{INCOMPLETE_MARKER}"):
+                if self.storage.exists(f"{folder}/{SIDECAR_NAME}"):  # committed; the marker outlived a crash
+                    self.storage.remove(f"{folder}/{INCOMPLETE_MARKER}")
+                    continue
+            else:
+                continue  # no marker: not ours (another run, the user's files): never touched
             self.storage.remove_tree(folder)
             removed.append(folder)
             logger.info("removed incomplete checkpoint folder %s", self.storage.display(folder))

@@ -28,14 +28,15 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
+from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, StorageError
 from ._sidecar import SIDECAR_NAME
 
-__all__ = ["STAGING_PREFIX", "UPLOAD_PART_SIZE", "Storage", "Transaction"]
+__all__ = ["INCOMPLETE_MARKER", "STAGING_PREFIX", "UPLOAD_PART_SIZE", "Storage", "Transaction"]
 
 logger = logging.getLogger("ckpt_callback")
 
 STAGING_PREFIX = ".ckpt-staging-"
+INCOMPLETE_MARKER = ".ckpt-incomplete"  # in a checkpoint folder being written (object stores) or deleted
 UPLOAD_PART_SIZE = 6 << 20  # one multipart part (S3 minimum: 5 MiB); bounds upload memory
 # Local checkpoint files are written with O_DIRECT (see _DirectFile); benchmarks/bench_save.py
 # measures it against buffered writes + fsync (the ours_sync_buffered row).
@@ -271,21 +272,29 @@ class Storage:
 class Transaction:
     """The files of one checkpoint being written; `commit` makes them visible at once.
 
-    Local: files go to ``ROOT/.ckpt-staging-NAME-HOST-PID-RAND/`` and the folder is renamed to
-    ``ROOT/NAME`` after the sidecar is in it. Object stores: files go to ``ROOT/NAME/`` and the
-    sidecar, written by `commit`, is the last object.
+    Local: files go to ``ROOT/.ckpt-staging-RAND-PID@HOST@NAME/`` and the folder is renamed to
+    ``ROOT/NAME`` after the sidecar is in it. Object stores: an `INCOMPLETE_MARKER` object goes
+    to ``ROOT/NAME/`` first, then the files, then the sidecar (the commit), then the marker is
+    removed. The marker is how a later cleanup knows a sidecar-less folder is a crashed save of
+    ours and not somebody else's folder that happens to live under the root.
     """
 
     def __init__(self, storage: Storage, name: str) -> None:
         self.storage = storage
         self.name = name
+        leftover = storage.exists(name) and not storage.exists(f"{name}/{SIDECAR_NAME}")
+        if leftover and not storage.exists(f"{name}/{INCOMPLETE_MARKER}"):
+            raise CheckpointExistsError(
+                f"{storage.display(name)} exists and is not a checkpoint; choose another name or move that folder"
+            )
         if storage.is_local:
             # Owner in the name, so a later cleanup can tell a crashed writer from a live one.
             self.folder = f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}@{name}"
         else:
             self.folder = name
-            if storage.exists(name):  # leftovers of an earlier, never committed attempt
-                storage.remove_tree(name)
+            if leftover:
+                storage.remove_tree(name)  # an earlier, never committed attempt of ours
+            storage.write_bytes_atomic(f"{name}/{INCOMPLETE_MARKER}", b"")
         self.files: list[str] = []
 
     def write(self, rel: str, produce: Callable[[Any], T]) -> T:
@@ -296,18 +305,20 @@ class Transaction:
     def commit(self, sidecar: bytes) -> None:
         """Write the sidecar last, then (local) rename the staging folder into place."""
         s = self.storage
-        if not s.is_local:
-            s.write_bytes_atomic(f"{self.folder}/{SIDECAR_NAME}", sidecar)
-            return
         s.write_bytes_atomic(f"{self.folder}/{SIDECAR_NAME}", sidecar)
+        if not s.is_local:
+            s.remove(f"{self.folder}/{INCOMPLETE_MARKER}")
+            return
         final = s.path(self.name)
         staging = s.path(self.folder)
 
         def rename() -> None:
             if os.path.lexists(final):
-                if os.path.exists(os.path.join(final, SIDECAR_NAME)):
-                    raise FileExistsError(final)
-                _rmtree_local(final)  # an incomplete leftover of the same name
+                if os.path.exists(os.path.join(final, SIDECAR_NAME)) or not os.path.exists(
+                    os.path.join(final, INCOMPLETE_MARKER)
+                ):
+                    raise FileExistsError(f"{final} exists and is not an unfinished checkpoint of ours")
+                _rmtree_local(final)  # a half-deleted checkpoint of the same name
             os.rename(staging, final)
             fsync_dir(os.path.dirname(final))
         s._call("committing", self.name, rename, write=True)
