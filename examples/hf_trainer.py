@@ -4,7 +4,7 @@ Run:  python examples/hf_trainer.py [--output DIR_OR_URL] [--steps N]
 
 Builds everything locally (no downloads): a word-level tokenizer trained with the `tokenizers`
 package on a few built-in sentences, and a 2-layer GPT-2 made from a config. Trains for --steps
-steps (default 60), evaluating and saving every 10 steps into ./checkpoints/hf-trainer by default
+steps (default 60), evaluating and saving every 10 steps into ./checkpoints by default
 (or any fsspec URL: s3://bucket/run, memory://demo, ...), keeping the 2 newest automatic
 checkpoints plus the best by eval loss and the final one, and loads the best weights back into
 the model at the end. Running it again resumes from the latest checkpoint instead of starting
@@ -86,7 +86,7 @@ def train(output: str, steps: int) -> CheckpointCallback:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="checkpoints/hf-trainer", help="folder or fsspec URL")
+    parser.add_argument("--output", default="checkpoints", help="folder or fsspec URL")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
