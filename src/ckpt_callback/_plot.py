@@ -90,6 +90,9 @@ def plot_losses(
         _mark_best(ax, best, monitor)
 
     ax.set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("loss")
     if log_scale:
         from matplotlib.ticker import FuncFormatter
