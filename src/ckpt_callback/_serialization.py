@@ -38,7 +38,7 @@ __all__ = [
 MODEL_INDEX = "model.safetensors.index.json"
 ALIASES_KEY = "ckpt_callback.aliases"
 _CHUNK = 16 << 20
-_HASH_LAG = 4  # chunks the hashing thread may fall behind the writer (bounds memory kept alive)
+_HASH_LAG_BYTES = 64 << 20  # how far hashing may fall behind the I/O (bounds memory kept alive)
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -223,30 +223,41 @@ def write_chunks(
 class ParallelDigest:
     """sha256 whose updates may run, in order, on a one-thread ``executor`` (inline without one).
 
-    Callers must not change a buffer after passing it to `update` (tensor memory and bytes are fine).
+    Every update goes through the executor (a FIFO, so the order holds) and the caller only
+    waits when more than `_HASH_LAG_BYTES` are queued: small tensors between big ones never
+    force the I/O to wait for the hash. Callers must not change a buffer after passing it to
+    `update` (tensor memory and bytes are fine).
     """
 
     def __init__(self, executor: Executor | None = None) -> None:
         self._digest = hashlib.sha256()
         self._executor = executor
-        self._pending: deque[Future[None]] = deque()
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._queued = 0
 
     def update(self, data: memoryview | bytes) -> None:
-        if self._executor is None or len(data) < 1 << 20:
-            self._drain()
+        if self._executor is None:
             self._digest.update(data)
             return
-        while len(self._pending) >= _HASH_LAG:
-            self._pending.popleft().result()
+        while self._pending and self._queued + len(data) > _HASH_LAG_BYTES:
+            self._wait_oldest()
         try:
-            self._pending.append(self._executor.submit(self._digest.update, data))
+            future = self._executor.submit(self._digest.update, data)
         except RuntimeError:  # the executor is shut down (interpreter exit): hash here
             self._drain()
             self._digest.update(data)
+            return
+        self._pending.append((future, len(data)))
+        self._queued += len(data)
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._queued -= size
+        future.result()
 
     def _drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
 
     def hexdigest(self) -> str:
         self._drain()
