@@ -41,7 +41,7 @@ UPLOAD_PART_SIZE = 6 << 20  # one multipart part (S3 minimum: 5 MiB); bounds upl
 # Local checkpoint files are written with O_DIRECT (see _DirectFile); benchmarks/bench_save.py
 # measures it against buffered writes + fsync (the ours_sync_buffered row).
 DIRECT_IO = True
-UPLOAD_PARTS_IN_FLIGHT = 8  # small parts, many in flight: fast on object stores, ~60 MB held
+UPLOAD_PARTS_IN_FLIGHT = 6  # small parts, several in flight: fast on object stores, ~40 MB held
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
                    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
 _TRANSIENT = (ConnectionError, TimeoutError)
@@ -440,51 +440,85 @@ class _S3MultipartWriter:
     """A write-only S3 object that uploads ``part_size`` parts with ``in_flight`` of them at once.
 
     s3fs's own streamed writes send one part at a time, and its ``put`` holds ten 50 MiB parts;
-    this keeps the pipe full while holding at most ``in_flight + 1`` parts in memory.
+    this keeps the pipe full while holding ``in_flight`` part buffers, allocated once per file and
+    reused (fresh buffers per part would leave freed memory with the allocator, not the OS).
     """
 
     def __init__(self, fs: Any, path: str, part_size: int, in_flight: int) -> None:
         self.fs, self.path = fs, path
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_size, self.in_flight = part_size, in_flight
-        self.buffer = bytearray()
+        self.free: list[bytearray] = []
+        self.allocated = 0
+        self.buffer: bytearray | None = None
+        self.fill = 0
         self.parts: list[tuple[int, concurrent.futures.Future[Any]]] = []
         self.upload_id: str | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="ckpt-upload")
+        self.lock = threading.Lock()
+        self.returned = threading.Condition(self.lock)
+
+    def _take(self) -> bytearray:
+        """A free part buffer: a new one while fewer than ``in_flight`` exist, else one that comes back."""
+        with self.lock:
+            while not self.free and self.allocated >= self.in_flight:
+                self.returned.wait(timeout=1.0)
+                self._raise_failed()
+            if self.free:
+                return self.free.pop()
+            self.allocated += 1
+        return bytearray(self.part_size)
+
+    def _give_back(self, buffer: bytearray) -> None:
+        with self.lock:
+            self.free.append(buffer)
+            self.returned.notify()
+
+    def _raise_failed(self) -> None:
+        for _, f in self.parts:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         position = 0
         while position < len(view):
-            take = min(self.part_size - len(self.buffer), len(view) - position)
-            self.buffer += view[position : position + take]
+            if self.buffer is None:
+                self.buffer, self.fill = self._take(), 0
+            take = min(self.part_size - self.fill, len(view) - position)
+            self.buffer[self.fill : self.fill + take] = view[position : position + take]
+            self.fill += take
             position += take
-            if len(self.buffer) >= self.part_size:
+            if self.fill == self.part_size:
                 self._send()
         return len(view)
 
     def _send(self) -> None:
+        assert self.buffer is not None
         if self.upload_id is None:
             self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
-        running = [f for _, f in self.parts if not f.done()]
-        while len(running) >= self.in_flight:  # bound memory: wait for a part to finish
-            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            running = [f for f in running if not f.done()]
-        for _, f in self.parts:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-        body, self.buffer = bytes(self.buffer), bytearray()
+        self._raise_failed()
+        buffer, size = self.buffer, self.fill
+        self.buffer, self.fill = None, 0
+        body = buffer if size == len(buffer) else bytes(buffer[:size])
         number = len(self.parts) + 1
-        future = self.pool.submit(self.fs.call_s3, "upload_part", Bucket=self.bucket, Key=self.key,
-                                  UploadId=self.upload_id, PartNumber=number, Body=body)
-        self.parts.append((number, future))
+
+        def upload() -> Any:
+            try:
+                return self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key,
+                                       UploadId=self.upload_id, PartNumber=number, Body=body)
+            finally:
+                self._give_back(buffer)
+
+        self.parts.append((number, self.pool.submit(upload)))
 
     def close(self) -> None:
         try:
             if self.upload_id is None:  # small: one PUT
-                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+                data = bytes(self.buffer[: self.fill]) if self.buffer is not None else b""
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data)
             else:
-                if self.buffer:
+                if self.fill:
                     self._send()
                 parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in self.parts]
                 self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
