@@ -41,7 +41,6 @@ from ._errors import (
 from ._policy import RetentionPolicy, newest
 from ._serialization import (
     MODEL_INDEX,
-    ParallelDigest,
     aliases_from_metadata,
     flatten_state,
     plan_model_files,
@@ -167,8 +166,8 @@ class CheckpointManager:
         async_save: snapshot the state and write it on a background thread.
         max_shard_size: largest weights file before splitting into HF-style shards.
         writer: whether this process writes (default: rank 0 of torch.distributed, else True).
-        save_threads: CPU threads a save or load may keep busy: 2 hashes beside the I/O
-            (default), 1 hashes inline and leaves more of the CPU to training.
+        save_threads: CPU threads a save may keep busy: 2 hashes beside the writes (default),
+            1 hashes inline and leaves more of the CPU to training.
 
     Example:
         >>> import torch
@@ -788,7 +787,9 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
         try:
             with self.storage.open_read(f"{info.name}/{rel}") as raw:
-                stream = _HashingReader(raw, self._hasher) if verify else raw
+                # Hashed inline: reading is a CPU copy out of the page cache, and on small machines
+                # (2 vCPUs sharing a core) a hashing thread beside it slows both (BENCHMARKS.md).
+                stream = _HashingReader(raw) if verify else raw
                 tensors, metadata = read_safetensors(stream, where=where, into=into)
                 if verify:
                     assert isinstance(stream, _HashingReader)
@@ -1004,15 +1005,11 @@ def _check_entry(entry: FileEntry, size: int, sha256: str, where: str) -> None:
 
 
 class _HashingReader:
-    """A read-only stream that hashes every byte passing through it.
+    """A read-only stream that hashes every byte passing through it."""
 
-    With a ``hasher`` thread the hashing runs beside the reads: only for callers that read into
-    memory they keep (tensors), never into a reused buffer.
-    """
-
-    def __init__(self, raw: Any, hasher: concurrent.futures.Executor | None = None) -> None:
+    def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.digest = ParallelDigest(hasher)
+        self.digest = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
