@@ -689,7 +689,7 @@ class CheckpointManager:
         # sidecar (the checkpoint disappears at once), then the rest.
         self.storage.write_bytes_atomic(f"{name}/{INCOMPLETE_MARKER}", b"")
         self.storage.remove(f"{name}/{SIDECAR_NAME}")
-        self.storage.remove_tree(name)
+        self.storage.remove_marked_folder(name)
 
     def prune(self, *, keep_last: int | None = None, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
         """Apply retention now; return the checkpoints removed (or that would be, with ``dry_run``).
@@ -737,7 +737,10 @@ class CheckpointManager:
                     continue
             else:
                 continue  # no marker: not ours (another run, the user's files): never touched
-            self.storage.remove_tree(folder)
+            if folder.startswith(STAGING_PREFIX):
+                self.storage.remove_tree(folder)  # a staging name marks it wherever it stops
+            else:
+                self.storage.remove_marked_folder(folder)
             removed.append(folder)
             logger.info("removed incomplete checkpoint folder %s", self.storage.display(folder))
         return removed

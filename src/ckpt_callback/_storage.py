@@ -264,6 +264,14 @@ class Storage:
             self.fs.invalidate_cache(self.path(rel))
         self._call("deleting", rel, rm)
 
+    def remove_marked_folder(self, rel: str) -> None:
+        """Remove a folder holding `INCOMPLETE_MARKER`, the marker last: killed half-way, what is
+        left still carries it, so a later cleanup still knows the folder is ours."""
+        others = [f for f in self.find_files(rel) if f != INCOMPLETE_MARKER]
+        if others:
+            self._call("deleting", rel, lambda: self.fs.rm([self.path(rel, f) for f in others]))
+        self.remove_tree(rel)
+
     def begin(self, name: str) -> Transaction:
         """Start writing checkpoint ``name``; see `Transaction`."""
         return Transaction(self, name)
