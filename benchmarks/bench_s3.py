@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+from _measure import write_section  # noqa: E402
+
 CHILD = r"""
 import json, os, sys, tempfile, uuid
 sys.path[:0] = [sys.argv[4]]
@@ -95,18 +97,6 @@ def main() -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     write_section(Path(args.out), "## Upload to S3", section)
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) the section starting with ``heading`` in the Markdown file ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(heading)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":
