@@ -1066,7 +1066,8 @@ def render_targets(records: dict[str, list[RunRecord]], sizes: dict[str, int], m
             1.0,
             f"verify=True (sha256 of every byte read) costs {s(verify_cost)} "
             f"over verify=False; hashing the {gb:.2f} GB in memory alone takes {hash_s:.2f} s ({sha:.2f} GB/s, one "
-            "thread), and reads hash inline (a hashing thread beside the page-cache copy slowed both on these 2 vCPUs), so the restore costs read + hash. "
+            "thread), and reads hash inline (a hashing thread beside the page-cache copy slowed both "
+            "on these 2 vCPUs), so the restore costs read + hash. "
             f"verify=False ({s(ours_nv)}, {div(ours_nv, tl) or 0:.2f}x) is the cold read from this virtio disk "
             f"into the tensors (`torch.load` reads at {gb / tl if tl else 0:.2f} GB/s)",
         )
