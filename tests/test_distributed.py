@@ -8,7 +8,6 @@ killed when it runs out).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from _rank_report import digest
 from ckpt_callback import CheckpointManager
 
 pytestmark = pytest.mark.slow
@@ -66,33 +65,20 @@ def params_digest(root: str, name: str) -> str:
 
     model = tiny_model(tiny_tokenizer())
     model.load_state_dict(CheckpointManager(root).load(name), strict=False)  # lm_head is tied to wte
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
-    return hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]
+    return digest(model)
 
 
 HF_SCRIPT = textwrap.dedent(
     """
-    import hashlib, json, logging, os, sys
+    import os, sys
     import torch
     from ckpt_callback import CheckpointCallback, StorageError
     from test_hf import fixed_scores, tiny_trainer
+    from _rank_report import report, watch_saves
 
     rank = int(os.environ["RANK"])
 
-    class Saves(logging.Handler):  # counts the "saved checkpoint-N" records of this process
-        names = []
-        def emit(self, record):
-            if record.getMessage().startswith("saved "):
-                self.names.append(record.getMessage().split()[1])
-
-    def report(**fields):
-        params = torch.cat([p.detach().flatten() for p in model.parameters()])
-        fields.update(rank=rank, saved=Saves.names, params=hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16])
-        with open(os.path.join(os.environ["REPORT_DIR"], f"rank-{rank}.json"), "w") as f:
-            json.dump(fields, f)
-
-    logging.getLogger("ckpt_callback").addHandler(Saves())
-    logging.getLogger("ckpt_callback").setLevel(logging.INFO)
+    saves = watch_saves()
     root, out, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     scores = [0.5, 0.9, 0.7] if max_steps == 12 else [0.1]
     callback = CheckpointCallback(root, keep_last=2, monitor="score", mode="max", load_best_at_end=True)
@@ -103,11 +89,11 @@ HF_SCRIPT = textwrap.dedent(
         trainer.train(resume_from_checkpoint=start)
     except StorageError as exc:  # an unwritable root: every rank must get here, none may hang
         model = trainer.model
-        report(error=str(exc), step=trainer.state.global_step)
+        report(rank, model, saves, error=str(exc), step=trainer.state.global_step)
         sys.exit(0)
     model = trainer.model
-    report(world=torch.distributed.get_world_size(), writer=callback.manager.writer, step=trainer.state.global_step,
-           start=start and os.path.basename(start), best=callback.manager.best().name)
+    report(rank, model, saves, world=torch.distributed.get_world_size(), writer=callback.manager.writer,
+           step=trainer.state.global_step, start=start and os.path.basename(start), best=callback.manager.best().name)
     """
 )
 
@@ -137,29 +123,17 @@ def test_hf_trainer_ddp_under_torchrun(tmp_path: Path):
 
 HOOK_SCRIPT = textwrap.dedent(
     """
-    import hashlib, json, logging, os, sys
+    import os, sys
     import torch
     import torch.distributed as dist
     from torch import nn
     from ckpt_callback import CheckpointHook
+    from _rank_report import report, watch_saves
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
 
-    class Saves(logging.Handler):  # counts the "saved checkpoint-N" records of this process
-        names = []
-        def emit(self, record):
-            if record.getMessage().startswith("saved "):
-                self.names.append(record.getMessage().split()[1])
-
-    def report(**fields):
-        params = torch.cat([p.detach().flatten() for p in model.parameters()])
-        fields.update(rank=rank, saved=Saves.names, params=hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16])
-        with open(os.path.join(os.environ["REPORT_DIR"], f"rank-{rank}.json"), "w") as f:
-            json.dump(fields, f)
-
-    logging.getLogger("ckpt_callback").addHandler(Saves())
-    logging.getLogger("ckpt_callback").setLevel(logging.INFO)
+    saves = watch_saves()
     root, total = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
@@ -174,7 +148,8 @@ HOOK_SCRIPT = textwrap.dedent(
             hook.step(step, loss=loss.item())
             if step % 2 == 0:
                 hook.evaluate(step, eval_loss=evals[step])
-    report(world=dist.get_world_size(), writer=hook.manager.writer, start=start, best=hook.manager.best().name)
+    report(rank, model, saves, world=dist.get_world_size(), writer=hook.manager.writer, start=start,
+           best=hook.manager.best().name)
     dist.destroy_process_group()
     """
 )
