@@ -399,8 +399,7 @@ class CheckpointManager:
         self._written.add(info.name)
         logger.info("saved %s (%s, %s bytes) to %s in %.2fs", info.name, info.type, info.size, self.root,
                     time.perf_counter() - started)
-        self._after_commit()
-        return self._committed(info.name) or info
+        return self._after_commit(info.name) or info
 
     def _write_files(self, txn: Any, job: _Job) -> builtins.list[FileEntry]:
         entries: builtins.list[FileEntry] = []
@@ -439,16 +438,21 @@ class CheckpointManager:
             metrics={**existing.metrics, **new.metrics},
         )
         self._write_sidecar(merged)
-        self._after_commit()
-        return self._committed(merged.name) or merged
+        return self._after_commit(merged.name) or merged
 
-    def _after_commit(self) -> None:
-        """Re-tag best and apply retention, now that a new checkpoint or new metrics are committed."""
+    def _after_commit(self, name: str) -> CheckpointInfo | None:
+        """Re-tag best and apply retention, now that ``name`` or new metrics are committed.
+
+        One read of the sidecars serves both; returns ``name``'s sidecar as it now stands.
+        """
         infos = self._scan()
-        for name, new_type in self.retention.retag(infos).items():
-            info = next(i for i in infos if i.name == name)
-            self._write_sidecar(info.replace(type=new_type))
-        self.prune()
+        changes = self.retention.retag(infos)
+        for k, info in enumerate(infos):
+            if info.name in changes:
+                infos[k] = info.replace(type=changes[info.name])
+                self._write_sidecar(infos[k])
+        self._apply_retention(infos)
+        return next((i for i in infos if i.name == name), None)
 
     def _warn_monitor_at_end(self, infos: Sequence[CheckpointInfo]) -> None:
         """When saving ends with no checkpoint carrying the monitored value, say so once.
@@ -512,8 +516,7 @@ class CheckpointManager:
         target = max(match, key=lambda i: i.created_at)
         updated = merge(target)
         self._write_sidecar(updated)
-        self._after_commit()
-        return self._committed(updated.name) or updated
+        return self._after_commit(updated.name) or updated
 
     def _write_sidecar(self, info: CheckpointInfo) -> None:
         self.storage.write_bytes_atomic(f"{info.name}/{SIDECAR_NAME}", info.dumps().encode())
@@ -700,16 +703,25 @@ class CheckpointManager:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 0):
             raise InvalidArgumentError(f"keep_last must be a non-negative integer, got {keep_last!r}")
         self._require_root()
-        doomed = self.retention.to_delete(
-            self._scan(), protect=[self.resumed_from] if self.resumed_from else [], keep_last=keep_last
-        )
         if dry_run:
-            return doomed
+            return self._doomed(self._scan(), keep_last)
+        doomed = self._apply_retention(self._scan(), keep_last)
+        if keep_last is not None:
+            self.cleanup_incomplete()
+        return doomed
+
+    def _doomed(self, infos: Sequence[CheckpointInfo], keep_last: int | None = None) -> builtins.list[CheckpointInfo]:
+        return self.retention.to_delete(
+            infos, protect=[self.resumed_from] if self.resumed_from else [], keep_last=keep_last
+        )
+
+    def _apply_retention(
+        self, infos: Sequence[CheckpointInfo], keep_last: int | None = None
+    ) -> builtins.list[CheckpointInfo]:
+        doomed = self._doomed(infos, keep_last)
         for info in doomed:
             self._delete_committed(info.name)
             logger.info("retention removed %s from %s", info.name, self.root)
-        if keep_last is not None:
-            self.cleanup_incomplete()
         return doomed
 
     def cleanup_incomplete(self) -> builtins.list[str]:

@@ -137,9 +137,6 @@ class Storage:
     def exists(self, rel: str = "") -> bool:
         return self._call("checking", rel, lambda: self.fs.exists(self.path(rel)))
 
-    def isdir(self, rel: str = "") -> bool:
-        return self._call("checking", rel, lambda: self.fs.isdir(self.path(rel)))
-
     def read_bytes(self, rel: str) -> bytes:
         return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
 
@@ -151,9 +148,6 @@ class Storage:
             yield f
         finally:
             f.close()
-
-    def size(self, rel: str) -> int:
-        return int(self._call("reading size of", rel, lambda: self.fs.size(self.path(rel))))
 
     def list_dir(self, rel: str = "") -> list[tuple[str, str]]:
         """``(name, "directory"|"file")`` of the children of ``rel``; empty when it does not exist."""
@@ -303,11 +297,9 @@ class Transaction:
             if leftover:
                 storage.remove_tree(name)  # an earlier, never committed attempt of ours
             storage.write_bytes_atomic(f"{name}/{INCOMPLETE_MARKER}", b"")
-        self.files: list[str] = []
 
     def write(self, rel: str, produce: Callable[[Any], T]) -> T:
         """Write one file of the checkpoint; see `Storage.write_stream`."""
-        self.files.append(rel)
         return self.storage.write_stream(f"{self.folder}/{rel}", produce)
 
     def commit(self, sidecar: bytes) -> None:
