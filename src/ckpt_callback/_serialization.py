@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeGuard
 
 import torch
 
 from ._errors import CorruptCheckpointError, InvalidArgumentError
+from ._sidecar import check_relative_path, loads_strict
 
 __all__ = [
+    "MAX_HEADER_BYTES",
     "MODEL_INDEX",
     "ModelPlan",
     "ParallelDigest",
+    "TensorSlot",
+    "add_aliases",
+    "aliases_from_metadata",
     "flatten_state",
+    "parse_header",
+    "parse_index",
     "plan_model_files",
     "read_safetensors",
     "unflatten_state",
@@ -39,6 +47,8 @@ MODEL_INDEX = "model.safetensors.index.json"
 ALIASES_KEY = "ckpt_callback.aliases"
 _CHUNK = 16 << 20
 _HASH_LAG_BYTES = 64 << 20  # how far hashing may fall behind the I/O (bounds memory kept alive)
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
+_MAX_DIMS = 64
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -277,8 +287,84 @@ class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor of a checked safetensors header: where its bytes are in the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(
+    raw: bytes, *, where: str = "safetensors file", data_size: int | None = None
+) -> tuple[list[TensorSlot], dict[str, str]]:
+    """Check a safetensors JSON header; return its tensors in file order and its ``__metadata__``.
+
+    Every entry must have a known dtype code, a shape of non-negative integers and two offsets
+    that tile the data section exactly (no gap, overlap or spill past ``data_size``, the bytes
+    after the header when the file's size is known). Nothing is allocated here.
+
+    Raises:
+        CorruptCheckpointError: naming ``where`` and the tensor, for any malformed header.
+    """
+    header = loads_strict(raw, f"{where}: header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: header is not a JSON object; the file is corrupt")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{where}: __metadata__ must map strings to strings; the file is corrupt")
+    slots = [_slot(name, entry, where) for name, entry in header.items()]
+    slots.sort(key=lambda slot: (slot.begin, slot.end))
+    position = 0
+    for slot in slots:
+        if slot.begin != position:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {slot.name!r} starts at byte {slot.begin} of the data, expected {position} "
+                "(gap or overlap); the file is corrupt"
+            )
+        position = slot.end
+    if data_size is not None and position != data_size:
+        raise CorruptCheckpointError(
+            f"{where}: the header describes {position} bytes of tensor data but the file holds {data_size}; "
+            "the file is corrupt or truncated"
+        )
+    return slots, metadata
+
+
+def _slot(name: str, entry: Any, where: str) -> TensorSlot:
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: tensor {name[:200]!r} {why}; the file is corrupt")
+
+    if not isinstance(entry, dict):
+        raise bad("has no {dtype, shape, data_offsets} entry")
+    code = entry.get("dtype")
+    dtype = _CODES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise bad(f"has dtype {_short(code)}, which is not a safetensors dtype this torch can hold")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        raise bad(f"has shape {_short(shape)}, not a list of at most {_MAX_DIMS} non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
+        raise bad(f"has data_offsets {_short(offsets)}, not two non-negative integers")
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise bad(f"claims {end - begin} bytes at {begin}..{end} but shape {shape} of {code} needs {nbytes}")
+    return TensorSlot(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
 def read_safetensors(
-    src: Readable, *, where: str = "safetensors file", into: Mapping[str, torch.Tensor] | None = None
+    src: Readable,
+    *,
+    where: str = "safetensors file",
+    into: Mapping[str, torch.Tensor] | None = None,
+    size: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors stream into CPU tensors; return (tensors, metadata).
 
@@ -286,49 +372,52 @@ def read_safetensors(
     state itself, not the state plus a copy of the file. A tensor of ``into`` with the same
     name, shape and dtype (contiguous, on the CPU) is filled in place instead of a new one,
     e.g. the parameters of the model being restored: no new memory at all.
+
+    ``size`` is the file's real size (from the sidecar or the listing). Given it, the whole
+    header is checked against it before any tensor is allocated, so a damaged or hostile
+    header cannot make this allocate more than the file holds.
+
+    Raises:
+        CorruptCheckpointError: a malformed header or a truncated file, naming ``where``.
     """
+    if size is not None and (not _is_int(size) or size < 8):
+        raise CorruptCheckpointError(f"{where}: {size!r} bytes cannot be a safetensors file; the file is corrupt")
     (length,) = struct.unpack("<Q", _read_exact(src, 8, where))
-    if length > 100 << 20:
+    limit = MAX_HEADER_BYTES if size is None else min(MAX_HEADER_BYTES, size - 8)
+    if length > limit:
         raise CorruptCheckpointError(f"{where}: header length {length} is not plausible; the file is corrupt")
-    try:
-        header = json.loads(_read_exact(src, length, where))
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{where}: header is not valid JSON; the file is corrupt") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{where}: header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
-    try:
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    except (TypeError, KeyError, IndexError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed header; the file is corrupt") from exc
+    data_size = None if size is None else size - 8 - length
+    slots, metadata = parse_header(_read_exact(src, length, where), where=where, data_size=data_size)
     tensors: dict[str, torch.Tensor] = {}
-    position = 0
-    for name, entry in entries:
-        try:
-            dtype = _CODES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{where}: bad header entry for {name!r}") from exc
-        target = into.get(name) if into is not None else None
-        if (target is not None and target.device.type == "cpu" and target.dtype == dtype
-                and list(target.shape) == shape and target.is_contiguous()):
+    for slot in slots:
+        target = into.get(slot.name) if into is not None else None
+        if (target is not None and target.device.type == "cpu" and target.dtype == slot.dtype
+                and tuple(target.shape) == slot.shape and target.is_contiguous()):
             tensor = target.detach()
         else:
-            tensor = torch.empty(shape, dtype=dtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        if begin != position or end - begin != nbytes:
-            raise CorruptCheckpointError(f"{where}: offsets of {name!r} do not match its shape; the file is corrupt")
+            tensor = _allocate(slot, where, bounded=size is not None)
+        nbytes = slot.end - slot.begin
         if nbytes:
             view = tensor.view(-1).view(torch.uint8).numpy().data.cast("B")
             got = _readinto_all(src, view)
             if got != nbytes:
                 raise CorruptCheckpointError(
-                    f"{where}: file is truncated inside tensor {name!r} ({got} of {nbytes} bytes)"
+                    f"{where}: file is truncated inside tensor {slot.name!r} ({got} of {nbytes} bytes)"
                 )
-        position = end
-        tensors[name] = tensor
+        tensors[slot.name] = tensor
     return tensors, metadata
+
+
+def _allocate(slot: TensorSlot, where: str, *, bounded: bool) -> torch.Tensor:
+    if bounded:  # the claim is no larger than the file: a failure here is this machine's memory
+        return torch.empty(slot.shape, dtype=slot.dtype)
+    try:
+        return torch.empty(slot.shape, dtype=slot.dtype)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise CorruptCheckpointError(
+            f"{where}: cannot allocate {slot.end - slot.begin} bytes for tensor {slot.name!r} of shape "
+            f"{list(slot.shape)}; the header is corrupt (or the tensor larger than this machine's memory)"
+        ) from exc
 
 
 def _readinto_all(src: Readable, view: memoryview) -> int:
@@ -347,23 +436,78 @@ def _readinto_all(src: Readable, view: memoryview) -> int:
     return got
 
 
-def aliases_from_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+def aliases_from_metadata(metadata: Any, *, where: str = "safetensors metadata") -> dict[str, str]:
+    """The tied-tensor aliases (``{dropped_name: kept_name}``) recorded in a file's metadata.
+
+    Raises:
+        CorruptCheckpointError: the metadata or its aliases entry is malformed.
+    """
+    if not isinstance(metadata, Mapping):
+        raise CorruptCheckpointError(f"{where}: metadata must be an object, got {type(metadata).__name__}")
     raw = metadata.get(ALIASES_KEY)
-    if not raw:
+    if raw is None or raw == "":
         return {}
-    return dict(json.loads(raw) if isinstance(raw, str) else raw)
+    if isinstance(raw, str):
+        raw = loads_strict(raw, f"{where}: {ALIASES_KEY}")
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise CorruptCheckpointError(f"{where}: {ALIASES_KEY} must map tensor names to tensor names")
+    return dict(raw)
+
+
+def add_aliases(state: dict[str, torch.Tensor], aliases: Mapping[str, str], *, where: str) -> None:
+    """Give every tied tensor its dropped names back: ``state[alias] = state[kept]``, in place.
+
+    Raises:
+        CorruptCheckpointError: an alias refers to a tensor that is not stored, or is stored itself.
+    """
+    stored = set(state)
+    for alias, target in aliases.items():
+        if target not in stored or alias in stored:
+            raise CorruptCheckpointError(
+                f"{where}: tied tensor {alias!r} refers to {target!r}, which is "
+                f"{'stored under both names' if alias in stored else 'not stored'}; the checkpoint is corrupt"
+            )
+        state[alias] = state[target]
+
+
+def parse_index(data: bytes, where: str) -> tuple[list[str], dict[str, str]]:
+    """Check ``model.safetensors.index.json``; return (its shard files, sorted and unique; its aliases).
+
+    Raises:
+        CorruptCheckpointError: not a JSON object, a ``weight_map`` that is not a non-empty map of
+            tensor names to relative paths inside the checkpoint, or malformed ``metadata``.
+    """
+    doc = loads_strict(data, where)
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: expected a JSON object; the index is corrupt")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(f"{where}: 'weight_map' must map tensor names to files; the index is corrupt")
+    for tensor, filename in weight_map.items():
+        check_relative_path(filename, f"{where}: weight_map[{tensor[:200]!r}]")
+    metadata = doc.get("metadata")
+    aliases = aliases_from_metadata({} if metadata is None else metadata, where=f"{where}: metadata")
+    for alias, target in aliases.items():
+        if target not in weight_map or alias in weight_map:
+            raise CorruptCheckpointError(
+                f"{where}: tied tensor {alias!r} refers to {target!r}, which the weight_map "
+                f"{'also lists under both names' if alias in weight_map else 'does not list'}; the index is corrupt"
+            )
+    return sorted(set(weight_map.values())), aliases
 
 
 # --- nested state (optimizer, scheduler, RNG) -> JSON skeleton + tensors ---------------------
 
-_TENSOR, _NDARRAY, _TUPLE, _DICT = "__tensor__", "__ndarray__", "__tuple__", "__dict__"
+_TENSOR, _NDARRAY, _TUPLE, _DICT, _FLOAT = "__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__"
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested structure into a JSON-able skeleton and a flat ``{key: tensor}`` dict.
+    """Split a nested structure into a strict-JSON skeleton and a flat ``{key: tensor}`` dict.
 
-    Tensors (and numpy arrays) are replaced by ``{"__tensor__": key}``; tuples and dicts with
-    non-string keys are tagged so `unflatten_state` gives back exactly the same types.
+    Tensors (and numpy arrays) are replaced by ``{"__tensor__": key}``; tuples, dicts with
+    non-string keys and non-finite floats (``{"__float__": "inf"}``, e.g. ReduceLROnPlateau's
+    ``best``) are tagged so `unflatten_state` gives back exactly the same values and types.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -373,9 +517,11 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
             return {_TENSOR: path}
         if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
             if value.shape == ():  # numpy scalar
-                return value.item()
+                return walk(value.item(), path)
             tensors[path] = torch.from_numpy(value.copy())
             return {_NDARRAY: path}
+        if isinstance(value, float) and not math.isfinite(value):
+            return {_FLOAT: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if value is None or isinstance(value, bool | int | float | str):
             return value
         if isinstance(value, tuple):
@@ -395,27 +541,68 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
     return walk(obj, prefix), tensors
 
 
-def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of `flatten_state`."""
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor], *, where: str = "training state") -> Any:
+    """Inverse of `flatten_state`.
+
+    Raises:
+        CorruptCheckpointError: the skeleton is not one `flatten_state` writes (an unknown or
+            malformed tag, a tensor that is not stored, nesting too deep), naming ``where``.
+    """
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: {why}; the checkpoint is corrupt")
 
     def walk(value: Any) -> Any:
         if isinstance(value, list):
             return [walk(v) for v in value]
-        if not isinstance(value, dict):
+        if value is None or isinstance(value, bool | int | float | str):
             return value
-        if len(value) == 1:
-            (key, inner), = value.items()
-            if key == _TENSOR:
+        if not isinstance(value, dict):
+            raise bad(f"holds a {type(value).__name__}, which is not JSON")
+        if not any(isinstance(k, str) and k.startswith("__") for k in value):
+            return {k: walk(v) for k, v in value.items()}
+        if len(value) != 1:
+            raise bad(f"holds an object with tag keys and others ({_short(list(value))})")
+        ((tag, inner),) = value.items()
+        if tag in (_TENSOR, _NDARRAY):
+            if not isinstance(inner, str) or inner not in tensors:
+                raise bad(f"refers to tensor {_short(inner)}, which is not stored")
+            if tag == _TENSOR:
                 return tensors[inner]
-            if key == _NDARRAY:
+            try:
                 return tensors[inner].numpy()
-            if key == _TUPLE:
-                return tuple(walk(v) for v in inner)
-            if key == _DICT:
-                return {walk(k): walk(v) for k, v in inner}
-        return {k: walk(v) for k, v in value.items()}
+            except (TypeError, RuntimeError) as exc:
+                raise bad(f"tensor {inner!r} cannot be a numpy array ({exc})") from exc
+        if tag == _TUPLE and isinstance(inner, list):
+            return tuple(walk(v) for v in inner)
+        if tag == _DICT and isinstance(inner, list) and all(isinstance(p, list) and len(p) == 2 for p in inner):
+            out = {}
+            for k, v in inner:
+                key = walk(k)
+                try:
+                    hash(key)
+                except TypeError as exc:
+                    raise bad(f"holds a dict key {_short(k)} that cannot be a key") from exc
+                out[key] = walk(v)
+            return out
+        if tag == _FLOAT and isinstance(inner, str) and inner in _NON_FINITE:
+            return _NON_FINITE[inner]
+        raise bad(f"holds an unknown or malformed tag {_short(tag)}: {_short(inner)}")
 
     try:
         return walk(skeleton)
-    except KeyError as exc:
-        raise CorruptCheckpointError(f"training state refers to tensor {exc} that is not stored") from exc
+    except RecursionError as exc:
+        raise bad("is nested too deeply") from exc
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a hostile file may hold megabytes)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -3,6 +3,12 @@
 The sidecar is written last; its presence is what makes a checkpoint complete.
 Keys on storage are camelCase (as the hosted checkpoint APIs spell them);
 attributes in Python are snake_case, and the camelCase names work as aliases.
+
+This module is also the parsing boundary for everything JSON the library reads back:
+`CheckpointInfo.loads` turns *any* bytes into a checked record or a `SidecarError`
+(never a TypeError, RecursionError or a path that leaves the checkpoint), `loads_strict`
+does the same for other JSON files, and `dumps_strict` writes JSON that has no
+``NaN``/``Infinity`` in it.
 """
 
 from __future__ import annotations
@@ -15,17 +21,26 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeGuard
 
-from ._errors import InvalidNameError, SidecarError
+from ._errors import CorruptCheckpointError, InvalidArgumentError, InvalidNameError, SidecarError
 
 __all__ = [
     "CHECKPOINT_TYPES",
+    "MAX_PATH_LENGTH",
+    "MAX_SIDECAR_BYTES",
+    "MONITOR_MODES",
     "RESERVED_NAMES",
     "SCHEMA_VERSION",
     "SIDECAR_NAME",
     "CheckpointInfo",
     "FileEntry",
+    "Monitor",
+    "check_relative_path",
+    "clean_metrics",
+    "clean_number",
+    "dumps_strict",
+    "loads_strict",
     "now_iso",
     "validate_name",
 ]
@@ -33,8 +48,17 @@ __all__ = [
 SCHEMA_VERSION = 1
 SIDECAR_NAME = "checkpoint.json"
 CHECKPOINT_TYPES = ("automatic", "best", "manual", "final")
+MONITOR_MODES = ("min", "max")
 RESERVED_NAMES = frozenset({"latest", "best", "final"})
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]*$")
+MAX_SIDECAR_BYTES = 16 << 20  # far above any real sidecar (1,000 files is ~150 KB); read at most this much
+MAX_PATH_LENGTH = 1024
+_MAX_NAME_LENGTH = 200
+_MAX_INT = 2**63 - 1  # steps and sizes fit an int64 everywhere they go (torch, numpy, other languages)
+_MAX_FILE_SIZE = 2**53  # JSON readers that hold numbers as doubles still see exact sizes
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DRIVE_RE = re.compile(r"[A-Za-z]:")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def now_iso() -> str:
@@ -43,24 +67,71 @@ def now_iso() -> str:
 
 
 def validate_name(name: object) -> str:
-    """Return ``name`` if it can be a checkpoint folder name, else raise `InvalidNameError`."""
+    """Return ``name`` if it can be a checkpoint folder name, else raise `InvalidNameError`.
+
+    The whole string must match: letters, digits and ``. _ - + = @``, not starting with
+    ``.`` or ``-``, no ``..``, at most 200 characters, and not ``latest``, ``best`` or ``final``.
+
+    Example:
+        >>> validate_name("checkpoint-500")
+        'checkpoint-500'
+    """
     if not isinstance(name, str) or not name.strip():
         raise InvalidNameError(f"checkpoint name must be a non-empty string, got {name!r}")
     if "/" in name or "\\" in name:
         raise InvalidNameError(f"checkpoint name {name!r} contains a path separator; use a plain folder name")
-    if name in (".", "..") or ".." in name:
-        raise InvalidNameError(f"checkpoint name {name!r} contains '..'; use a plain folder name")
+    if name.startswith(".") or ".." in name:
+        raise InvalidNameError(
+            f"checkpoint name {name!r} starts with '.' or contains '..'; use a plain folder name"
+        )
     if name in RESERVED_NAMES:
         raise InvalidNameError(
             f"checkpoint name {name!r} is reserved: 'latest', 'best' and 'final' always refer to "
             "those checkpoints; choose another name"
         )
-    if len(name) > 200 or not _NAME_RE.match(name):
+    if len(name) > _MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(
             f"checkpoint name {name!r} is not allowed: use letters, digits and . _ - + = @ "
-            "(not starting with '.' or '-'), at most 200 characters"
+            f"(not starting with '.' or '-'), at most {_MAX_NAME_LENGTH} characters"
         )
     return name
+
+
+def check_relative_path(
+    path: object, where: str, *, error: type[CorruptCheckpointError] = CorruptCheckpointError
+) -> str:
+    """Return ``path`` if it names a file inside a checkpoint folder, else raise ``error``.
+
+    Every path read from a sidecar, an index or a header goes through here before it is joined
+    to anything: a non-empty ``/``-separated relative path, no empty, ``.`` or ``..`` component,
+    no backslash, colon (drive letters, URL schemes) or control character, not the sidecar itself,
+    at most `MAX_PATH_LENGTH` characters.
+
+    Example:
+        >>> check_relative_path("tokenizer/vocab.json", "checkpoint.json")
+        'tokenizer/vocab.json'
+    """
+    def bad(why: str) -> CorruptCheckpointError:
+        return error(f"{where}: file path {path!r} {why}; the checkpoint is corrupt or was tampered with")
+
+    if not isinstance(path, str) or not path:
+        raise bad("is not a non-empty string")
+    if len(path) > MAX_PATH_LENGTH:
+        raise bad(f"is longer than {MAX_PATH_LENGTH} characters")
+    if not _is_text(path) or _CONTROL_RE.search(path):
+        raise bad("holds control characters or invalid Unicode")
+    if path.startswith("/") or "\\" in path or _DRIVE_RE.match(path):
+        raise bad("is not a relative '/'-separated path")
+    if ":" in path:
+        raise bad("holds a ':' (a drive letter or URL scheme)")
+    for part in path.split("/"):
+        if not part or part.strip(".") == "":
+            raise bad("has an empty, '.' or '..' component")
+        if part != part.rstrip(". "):  # Windows drops trailing dots and spaces: "x." would be "x"
+            raise bad("has a component ending in '.' or ' '")
+    if path == SIDECAR_NAME:
+        raise bad("is the sidecar itself")
+    return path
 
 
 @dataclass(frozen=True)
@@ -75,7 +146,18 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
-# snake_case attribute -> camelCase key on storage
+@dataclass(frozen=True)
+class Monitor:
+    """What tagged ``best`` in the run: a metric name and whether lower (``min``) or higher (``max``) is better."""
+
+    name: str
+    mode: str = "min"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.mode}
+
+
+# snake_case attribute -> camelCase key on storage, in the documented order
 _KEYS = {
     "schema_version": "schemaVersion",
     "id": "id",
@@ -95,8 +177,11 @@ _KEYS = {
     "updated_at": "updatedAt",
     "files": "files",
     "size": "size",
+    "monitor": "monitor",
+    "run_id": "runId",
 }
 _ATTRS = {camel: snake for snake, camel in _KEYS.items()}
+_REQUIRED = ("id", "name", "type", "step", "createdAt")
 
 
 @dataclass(frozen=True)
@@ -131,6 +216,8 @@ class CheckpointInfo:
     updated_at: str = field(default_factory=now_iso)
     files: tuple[FileEntry, ...] = ()
     size: int = 0
+    monitor: Monitor | None = None
+    run_id: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __getattr__(self, key: str) -> Any:
@@ -163,107 +250,378 @@ class CheckpointInfo:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        """The sidecar as a JSON-ready dict with camelCase keys, in the documented order."""
+        """The sidecar as a JSON-ready dict with camelCase keys, in the documented order.
+
+        Non-finite numbers become null (and leave ``metrics``), so what is written always reads back.
+        """
         out: dict[str, Any] = {}
         for attr, key in _KEYS.items():
             value = getattr(self, attr)
             if attr == "files":
                 value = [entry.to_json() for entry in value]
             elif attr == "metrics":
-                value = dict(value)
+                value = {k: v for k, v in value.items() if _finite(v) is not None}
+            elif attr in ("epoch", "train_loss", "eval_loss"):
+                value = None if _finite(value) is None else value
+            elif attr == "monitor":
+                value = None if value is None else value.to_json()
             out[key] = value
         return out
 
     def dumps(self) -> str:
         """The sidecar as JSON text."""
-        return json.dumps(self.to_json(), indent=2, allow_nan=False, default=_json_default) + "\n"
+        return dumps_strict(self.to_json(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, data: Any, *, where: str = "checkpoint.json") -> CheckpointInfo:
-        """Build from a parsed sidecar, raising `SidecarError` naming ``where`` on malformed input."""
+    def from_json(cls, data: Any, *, where: str = SIDECAR_NAME) -> CheckpointInfo:
+        """Build from a parsed sidecar, raising `SidecarError` naming ``where`` on malformed input.
+
+        Every value is checked against the documented type before anything uses it; unknown keys
+        are ignored. Nothing but `SidecarError` leaves this method, whatever ``data`` is.
+        """
+        try:
+            return cls._from_json(data, where)
+        except SidecarError:
+            raise
+        except (CorruptCheckpointError, InvalidNameError) as exc:
+            raise SidecarError(str(exc)) from exc
+        except RecursionError as exc:
+            raise SidecarError(f"{where}: nested too deeply; the sidecar is corrupt") from exc
+        except Exception as exc:  # a check this module missed: still the sidecar's fault
+            raise SidecarError(f"{where}: malformed sidecar ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_json(cls, data: Any, where: str) -> CheckpointInfo:
         if not isinstance(data, dict):
             raise SidecarError(f"{where}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schemaVersion")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or isinstance(version, bool):
             raise SidecarError(
-                f"{where}: unknown schemaVersion {version!r} (this version of ckpt-callback reads "
+                f"{where}: unknown schemaVersion {_short(version)} (this version of ckpt-callback reads "
                 f"{SCHEMA_VERSION}); upgrade ckpt-callback or remove the folder"
             )
-        missing = [k for k in ("id", "name", "type", "step", "createdAt") if k not in data]
+        missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise SidecarError(f"{where}: missing keys {', '.join(missing)}")
-        kwargs: dict[str, Any] = {}
-        for camel, value in data.items():
-            snake = _ATTRS.get(camel)
-            if snake is not None:
-                kwargs[snake] = value
-        try:
-            kwargs["files"] = tuple(
-                FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]))
-                for f in kwargs.get("files") or ()
-            )
-        except (TypeError, KeyError, ValueError) as exc:
-            raise SidecarError(f"{where}: malformed 'files' list ({exc})") from exc
-        info = cls(**kwargs)
-        info._check(where)
-        return info
+        check = _Checker(data, where)
+        files = check.files()
+        created_at = check.text("createdAt")
+        return cls(
+            name=check.name(),
+            step=check.integer("step", maximum=_MAX_INT),
+            type=check.choice("type", CHECKPOINT_TYPES),
+            id=check.text("id"),
+            description=check.text("description", nullable=True),
+            epoch=check.number("epoch"),
+            train_loss=check.number("trainLoss"),
+            eval_loss=check.number("evalLoss"),
+            metrics=check.metrics(),
+            model=check.text("model", nullable=True),
+            version=check.text("version", nullable=True),
+            inference_ready=check.boolean("inferenceReady", default=False),
+            node=check.text("node", default=""),
+            created_at=created_at,
+            updated_at=check.text("updatedAt", default=created_at),
+            files=files,
+            size=check.total_size(files),
+            monitor=check.monitor(),
+            run_id=check.text("runId", nullable=True),
+        )
 
     @classmethod
-    def loads(cls, text: str | bytes, *, where: str = "checkpoint.json") -> CheckpointInfo:
-        """Parse sidecar JSON text; see `from_json`."""
+    def loads(cls, text: str | bytes | bytearray | memoryview, *, where: str = SIDECAR_NAME) -> CheckpointInfo:
+        """Parse sidecar JSON text (UTF-8); see `from_json`. Raises only `SidecarError`."""
+        return cls.from_json(loads_strict(text, where, error=SidecarError, limit=MAX_SIDECAR_BYTES), where=where)
+
+
+class _Checker:
+    """Typed reads of one parsed sidecar; each raises `SidecarError` naming the key."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+
+    def bad(self, key: str, expected: str) -> SidecarError:
+        return SidecarError(f"{self.where}: {key!r} must be {expected}, got {_short(self.data.get(key))}")
+
+    def text(self, key: str, *, nullable: bool = False, default: str | None = None) -> Any:
+        if key not in self.data:
+            return None if nullable else default
+        value = self.data[key]
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str) or not _is_text(value):
+            raise self.bad(key, "a string or null" if nullable else "a string")
+        return value
+
+    def name(self) -> str:
+        value = self.data["name"]
         try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SidecarError(f"{where}: not valid JSON ({exc})") from exc
-        return cls.from_json(data, where=where)
+            return validate_name(value)
+        except InvalidNameError as exc:
+            raise SidecarError(f"{self.where}: 'name' is not a valid checkpoint name ({exc})") from exc
 
-    def _check(self, where: str) -> None:
-        """Reject values of the wrong type, so a bad sidecar fails here and not deep inside."""
-        def bad(key: str, expected: str) -> SidecarError:
-            return SidecarError(f"{where}: {key!r} must be {expected}, got {self[key]!r}")
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.data[key]
+        if not isinstance(value, str) or value not in choices:
+            raise self.bad(key, f"one of {', '.join(choices)}")
+        return value
 
-        if not isinstance(self.name, str) or not self.name:
-            raise bad("name", "a non-empty string")
-        if self.type not in CHECKPOINT_TYPES:
-            raise bad("type", f"one of {', '.join(CHECKPOINT_TYPES)}")
-        if not isinstance(self.step, int) or isinstance(self.step, bool) or self.step < 0:
-            raise bad("step", "a non-negative integer")
-        for key in ("epoch", "trainLoss", "evalLoss"):
-            value = self[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise bad(key, "a number or null")
-        if not isinstance(self.metrics, dict) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in self.metrics.values()
+    def integer(self, key: str, *, maximum: int, default: int | None = None) -> int:
+        value = self.data.get(key, default)
+        if not _is_int(value) or not 0 <= value <= maximum:
+            raise self.bad(key, "a non-negative integer")
+        return int(value)
+
+    def number(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if _finite(value) is None:
+            raise self.bad(key, "a finite number or null")
+        return float(value) if isinstance(value, float) else value
+
+    def boolean(self, key: str, *, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, "true or false")
+        return value
+
+    def metrics(self) -> dict[str, float]:
+        value = self.data.get("metrics", {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and _is_text(k) and _finite(v) is not None for k, v in value.items()
         ):
-            raise bad("metrics", "an object of numbers")
-        if not isinstance(self.size, int) or not isinstance(self.inference_ready, bool):
-            raise SidecarError(f"{where}: 'size' must be an integer and 'inferenceReady' a boolean")
+            raise self.bad("metrics", "an object of finite numbers")
+        return dict(value)
+
+    def monitor(self) -> Monitor | None:
+        value = self.data.get("monitor")
+        if value is None:
+            return None
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("name"), str)
+            or not value["name"]
+            or not _is_text(value["name"])
+            or value.get("mode") not in MONITOR_MODES
+        ):
+            raise self.bad("monitor", 'null or {"name": "<metric>", "mode": "min" or "max"}')
+        return Monitor(name=value["name"], mode=value["mode"])
+
+    def files(self) -> tuple[FileEntry, ...]:
+        value = self.data.get("files", [])
+        if not isinstance(value, list):
+            raise self.bad("files", "a list of {path, size, sha256} objects")
+        entries: list[FileEntry] = []
+        seen: set[str] = set()
+        for k, item in enumerate(value):
+            at = f"{self.where}: files[{k}]"
+            if not isinstance(item, dict):
+                raise SidecarError(f"{at} must be an object with path, size and sha256, got {_short(item)}")
+            missing = [key for key in ("path", "size", "sha256") if key not in item]
+            if missing:
+                raise SidecarError(f"{at} is missing {', '.join(missing)}")
+            path = check_relative_path(item["path"], at, error=SidecarError)
+            size = item["size"]
+            if not _is_int(size) or not 0 <= size < _MAX_FILE_SIZE:
+                raise SidecarError(f"{at}: 'size' must be an integer from 0 to 2**53, got {_short(size)}")
+            sha = item["sha256"]
+            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+                raise SidecarError(f"{at}: 'sha256' must be 64 lowercase hex digits, got {_short(sha)}")
+            if path in seen:
+                raise SidecarError(f"{at}: {path!r} is listed twice")
+            seen.add(path)
+            entries.append(FileEntry(path=path, size=int(size), sha256=sha))
+        for path in seen:  # "a" and "a/b" cannot both be files
+            parent = path.rpartition("/")[0]
+            while parent:
+                if parent in seen:
+                    raise SidecarError(f"{self.where}: {parent!r} is listed as a file and as a folder of {path!r}")
+                parent = parent.rpartition("/")[0]
+        return tuple(entries)
+
+    def total_size(self, files: tuple[FileEntry, ...]) -> int:
+        total = sum(entry.size for entry in files)
+        size = self.integer("size", maximum=_MAX_INT, default=total)
+        if size != total:
+            raise SidecarError(f"{self.where}: 'size' is {size} but its files add up to {total} bytes")
+        return size
 
 
-def clean_number(value: Any) -> float | None:
-    """A plain float for JSON, or None for missing / non-finite values (never a made-up 0)."""
-    if value is None:
+def loads_strict(
+    data: str | bytes | bytearray | memoryview,
+    where: str,
+    *,
+    error: type[CorruptCheckpointError] = CorruptCheckpointError,
+    limit: int | None = None,
+) -> Any:
+    """Parse JSON the library wrote, raising only ``error`` (naming ``where``) on anything else.
+
+    Strict where Python's `json` is lenient: UTF-8 only, no ``NaN``/``Infinity`` (nor numbers
+    that overflow to them), no duplicate keys, bounded nesting and (with ``limit``) size.
+    """
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    if isinstance(data, bytes):
+        if limit is not None and len(data) > limit:
+            raise error(f"{where}: {len(data)} bytes is larger than the {limit} a valid file can be; it is corrupt")
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{where}: not UTF-8 text ({exc}); the file is corrupt") from exc
+    elif not isinstance(data, str):
+        raise error(f"{where}: expected JSON text, got {type(data).__name__}")
+    elif limit is not None and len(data) > limit // 4 and len(data.encode("utf-8", "surrogatepass")) > limit:
+        raise error(f"{where}: larger than the {limit} bytes a valid file can be; it is corrupt")
+    try:
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except _NotStrictJSON as exc:
+        raise error(f"{where}: {exc}; the file is corrupt") from exc
+    except RecursionError as exc:
+        raise error(f"{where}: JSON nested too deeply; the file is corrupt") from exc
+    except ValueError as exc:  # JSONDecodeError, and integers of more than 4,300 digits
+        raise error(f"{where}: not valid JSON ({exc}); the file is corrupt") from exc
+
+
+class _NotStrictJSON(ValueError):
+    pass
+
+
+def _refuse_constant(token: str) -> Any:
+    raise _NotStrictJSON(f"{token} is not JSON")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise _NotStrictJSON(f"number {token[:40]} does not fit a float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _NotStrictJSON(f"key {key[:80]!r} appears twice")
+        out[key] = value
+    return out
+
+
+def dumps_strict(obj: Any, **json_kwargs: Any) -> str:
+    """JSON text with every non-finite float (in nested dicts, lists, tuples) written as null.
+
+    Use for every JSON file the library writes; numpy and 0-d torch scalars become numbers.
+
+    Example:
+        >>> dumps_strict({"best": float("inf"), "lr": [0.1, float("nan")]})
+        '{"best": null, "lr": [0.1, null]}'
+    """
+    json_kwargs["allow_nan"] = False
+    json_kwargs.setdefault("default", _json_default)
+    return json.dumps(_strict(obj), **json_kwargs)
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if _is_scalar(value):
+        return _strict(value.item())
+    return value  # left to json's ``default``
+
+
+def _is_scalar(value: Any) -> bool:
+    """A numpy scalar or a one-element tensor / array (has ``item()``)."""
+    if not hasattr(value, "item"):
+        return False
+    numel = getattr(value, "numel", None)
+    if callable(numel):
+        return bool(numel() == 1)
+    return getattr(value, "size", None) == 1
+
+
+def clean_number(value: Any, *, key: str = "value") -> float | None:
+    """A plain float for JSON, or None for missing / non-finite / non-numeric values (never a made-up 0).
+
+    Raises:
+        InvalidArgumentError: a number too large for a float (``10**400``), naming ``key``.
+    """
+    if value is None or isinstance(value, bool):
         return None
     try:
         number = float(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError):
+    except OverflowError as exc:
+        raise InvalidArgumentError(
+            f"{key} = {_short(value)} does not fit a 64-bit float, so it cannot be stored in JSON; "
+            "pass a smaller number (or its logarithm) or leave it out"
+        ) from exc
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         return None
     return number if math.isfinite(number) else None
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """Keep the finite numeric entries of ``metrics``, by their own names."""
+    """Keep the finite numeric entries of ``metrics``, by their own names.
+
+    Raises:
+        InvalidArgumentError: a value too large for a float, or a name that is not valid Unicode.
+    """
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         if isinstance(value, bool):
             continue
-        number = clean_number(value)
+        name = str(key)
+        if not _is_text(name):
+            raise InvalidArgumentError(f"metric name {name!r} is not valid Unicode text; rename it")
+        number = clean_number(value, key=f"metric {name!r}")
         if number is not None:
-            out[str(key)] = int(number) if isinstance(value, int) else number
+            out[name] = int(value) if isinstance(value, int) else number
     return out
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite JSON number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: str) -> bool:
+    """Valid Unicode: no lone surrogates (JSON's ``"\\ud800"``), which no file system or terminal takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a hostile sidecar may hold megabytes)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints past 4,300 digits, deep nesting
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to checkpoint.json")
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
