@@ -113,7 +113,7 @@ def run_config(
     cpu0 = time.process_time()
     t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        pending = hook.manager._pending if hook is not None else None  # benchmark-only peek
+        pending = hook.manager._writer._pending if hook is not None else None  # benchmark-only peek
         busy = pending is not None and not pending.done()
         x = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
         t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def test_server_killed_mid_upload(server, caplog):
     url = f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}"
     model = big_model()
     hook = CheckpointHook(url, model, every_n_steps=1, keep_last=3, storage_options=options(server))
-    hook.manager.storage.backoff = 0.1
+    hook.manager._storage.backoff = 0.1
     assert hook.step(1, loss=1.0) is not None
 
     killer = threading.Timer(0.4, server.kill)  # well inside a ~2 s upload
@@ -85,7 +85,7 @@ def test_server_killed_mid_upload(server, caplog):
 def test_transient_outage_is_retried_with_backoff(server, caplog):
     url = f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}"
     manager = CheckpointManager(url, storage_options=options(server))
-    manager.storage.backoff = 1.0  # retries at +1 s, +2 s, +4 s
+    manager._storage.backoff = 1.0  # retries at +1 s, +2 s, +4 s
     manager.save({"w": torch.ones(1000)}, step=1)
     server.kill()
     # The save runs in a worker; the server must be restarted from this thread, which owns it.

@@ -21,7 +21,8 @@ from ._errors import (
     StorageError,
 )
 from ._hook import CheckpointHook
-from ._manager import CheckpointManager, CheckpointPage, CheckpointSummary, CheckpointWarning, VerifyResult
+from ._catalog import CheckpointPage, CheckpointSummary, CheckpointWarning
+from ._manager import CheckpointManager, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -41,8 +42,8 @@ class _State:
 
     debug: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
-    monitor: str = "evalLoss"
-    mode: str = "min"
+    monitor: str | None = None  # None: what the run recorded in its sidecars
+    mode: str | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,10 +157,10 @@ _debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eag
 def _root_options(fn: Any) -> Any:
     """The ROOT-opening options every command takes after its own."""
     fn = _debug_option(fn)
-    fn = click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
+    fn = click.option("--mode", type=click.Choice(["min", "max"]), default=None,
                       expose_value=False, callback=_set_state,
-                      help="Whether a lower or a higher --monitor value is better.")(fn)
-    fn = click.option("--monitor", default="evalLoss", show_default=True, expose_value=False, callback=_set_state,
+                      help="Whether a lower or a higher --monitor value is better (default: as the run recorded).")(fn)
+    fn = click.option("--monitor", default=None, expose_value=False, callback=_set_state,
                       help="What 'best' means: evalLoss, trainLoss or a metric name.")(fn)
     fn = click.option("--storage-option", "storage_options", metavar="KEY=VALUE", multiple=True,
                       expose_value=False, callback=_set_storage_options,
@@ -223,8 +224,8 @@ def inspect_document(info: CheckpointInfo, manager: CheckpointManager) -> dict[s
 
     The key names are those of SPEC.md; ``files`` carry their sha256 too.
     """
-    storage = manager.storage
-    root = storage.root if storage.is_local else manager.root.rstrip("/")  # a local root as an absolute path
+    local = manager.local_path(info.name)
+    root = os.path.dirname(local) if local is not None else manager.root.rstrip("/")  # local: an absolute path
     return {
         "kind": "Checkpoint",
         "metadata": {"name": info.name, "id": info.id},
@@ -470,7 +471,7 @@ def plot_command(root: str, output: str, log_scale: bool) -> int:
     if not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
         state = "no checkpoints" if not page.data else "no checkpoint with a trainLoss or evalLoss"
         raise click.ClickException(f"{state} in {root}; there is nothing to plot")
-    path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.retention.monitor,
+    path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.monitor[0],
                        title=root, log_scale=log_scale)
     click.echo(f"wrote {path} ({_count(len(page.data))})")
     return EXIT_OK

@@ -14,30 +14,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ._distributed import barrier, from_rank0
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, SaveError, StorageError
-from ._manager import TRAINING_STATE_FILE, CheckpointManager
-from ._policy import SavePolicy
-from ._sidecar import CheckpointInfo, clean_metrics
-from ._training import restore_rng, unwrap_model
+from ._distributed import barrier
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ._layout import TRAINER_STATE_FILE
+from ._manager import CheckpointManager
+from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
+from ._training import TrainingStateValues, restore_rng, unwrap_model
+from ._trigger import SaveTrigger
 
 __all__ = ["CheckpointCallback"]
 
 logger = logging.getLogger("ckpt_callback")
-
-TRAINER_STATE = "trainer_state.json"
 
 
 class CheckpointCallback(TrainerCallback):
@@ -70,13 +67,10 @@ class CheckpointCallback(TrainerCallback):
         **manager_options: Any,
     ) -> None:
         self.manager = CheckpointManager(root, **manager_options)
-        own_schedule = every_n_steps is not None or every_n_seconds is not None
-        self.policy = SavePolicy(every_n_steps, every_n_seconds) if own_schedule else None
+        self.trigger = SaveTrigger(every_n_steps, every_n_seconds)
         self.load_best_at_end = load_best_at_end
         self._writer_given = "writer" in manager_options
-        self._due = False  # the Trainer (or our policy) asked for a save not yet written
-        self._saved_step: int | None = None
-        self._saved_time = time.monotonic()
+        self._due = False  # the Trainer (or our schedule) asked for a save not yet written
         self._resume: tuple[str, str, CheckpointManager] | None = None  # (name, local folder, reader)
         self._rng: Any = None  # RNG states to put back once the resumed run reaches the saved point
         self._rng_at_epoch = False
@@ -85,15 +79,24 @@ class CheckpointCallback(TrainerCallback):
     def resume_from(self, name: str = "latest") -> str | None:
         """A local folder to pass as ``trainer.train(resume_from_checkpoint=...)``; None if the root is empty.
 
-        A local root gives the checkpoint folder itself; a remote one is downloaded (sha256-checked)
+        A local root gives the checkpoint folder itself, once every file of it passed its sha256
+        check (the Trainer reads the weights without one); a remote one is downloaded (sha256-checked)
         to a temporary folder first, removed again once training starts. The Trainer reads weights
         and ``trainer_state.json`` from it; this callback restores optimizer, scheduler and RNG.
+
+        Raises:
+            CorruptCheckpointError: a file of the checkpoint is missing or does not match its sha256.
         """
         info = self.manager.latest() if name == "latest" else self.manager.get(name)
         if info is None:
             return None
-        if self.manager.storage.is_local:
-            folder, reader = self.manager.storage.path(info.name), self.manager
+        local = self.manager.local_path(info.name)
+        if local is not None:
+            problems = self.manager.verify(info.name)[0].problems
+            if problems:
+                raise CorruptCheckpointError(f"cannot resume from {info.name!r} in {self.manager.root}: "
+                                             f"{'; '.join(problems)}; resume from another checkpoint")
+            folder, reader = local, self.manager
         else:
             folder = str(self.manager.download(info.name, Path(tempfile.mkdtemp(prefix="ckpt-resume-")) / info.name))
             reader = CheckpointManager(str(Path(folder).parent), writer=False)
@@ -114,10 +117,11 @@ class CheckpointCallback(TrainerCallback):
         if not self._writer_given:  # the Trainer's rank, known even if torch.distributed started late
             self.manager.writer = args.process_index == 0
         self.manager.check_writable()
-        self._due, self._saved_step, self._saved_time = False, None, time.monotonic()
+        self._due = False
+        self.trigger.reset()
         if state.global_step > 0:
             self._restore(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-        monitor = self.manager.retention.monitor
+        monitor = self.manager.monitor[0]
         if args.eval_strategy == "no" and (monitor in ("evalLoss", "eval_loss") or monitor.startswith("eval_")):
             self._warn_monitor("the Trainer never evaluates (eval_strategy='no')")
 
@@ -145,8 +149,11 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         self._check_monitor(state.log_history)  # the eval metrics are logged before on_evaluate
         metrics = _step_metrics(state.log_history, step)
-        if not self._due and self._saved_step == step:  # evaluated after this step's checkpoint was saved
-            self.manager.update_metrics(step, eval_loss=metrics.get("eval_loss"), metrics=metrics)
+        if not self._due and self.trigger.last_step == step:  # evaluated after this step's checkpoint was saved
+            try:
+                self.manager.update_metrics(step, eval_loss=metrics.get("eval_loss"), metrics=metrics)
+            except CheckpointError as exc:  # storage trouble must not stop training
+                logger.error("the evaluation at step %d was not recorded in its checkpoint: %s", step, exc)
             barrier()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -161,15 +168,9 @@ class CheckpointCallback(TrainerCallback):
 
     def _schedule(self, state: Any, control: Any) -> None:
         """Note a due save and stop the Trainer from writing its own checkpoint."""
-        if self.policy is None:
-            due = bool(control.should_save)
-        else:
-            due = self.policy.should_save(state.global_step, last_step=self._saved_step,
-                                          last_time=self._saved_time, now=time.monotonic())
-            if self.policy.every_n_seconds is not None:  # clocks differ: rank 0 decides for everyone
-                due = bool(from_rank0(due))
+        due = self.trigger.due(state.global_step, asked=bool(control.should_save))
         control.should_save = False
-        self._due = self._due or (due and state.global_step != self._saved_step)
+        self._due = self._due or due
 
     def _flush(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
         if not self._due:
@@ -177,7 +178,7 @@ class CheckpointCallback(TrainerCallback):
         self._due = False
         try:
             self._save(args, state, control, kwargs, "automatic")
-        except (SaveError, StorageError) as exc:  # a scheduled save may fail; training goes on
+        except CheckpointError as exc:  # a scheduled save may fail, whatever the storage did; training goes on
             logger.error("scheduled checkpoint at step %d was not saved: %s", state.global_step, exc)
 
     def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str) -> CheckpointInfo | None:
@@ -189,18 +190,20 @@ class CheckpointCallback(TrainerCallback):
                     self.manager.close()  # a background save is committed too
         finally:
             barrier()  # no rank goes on (or reads) before the checkpoint is committed
-        self._saved_step, self._saved_time = step, time.monotonic()
+        self.trigger.saved(step)
         return info
 
     def _payload(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         """What `CheckpointManager.save` gets for the Trainer's current step, besides step and type."""
         model = unwrap_model(kwargs["model"])
         hf = hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "save_pretrained")
-        files, ready = self._files(model, kwargs.get("processing_class")) if hf else ({}, False)
+        # transformers < 4.46 hands the tokenizer to callbacks as ``tokenizer``, later as ``processing_class``.
+        processor = kwargs.get("processing_class") or kwargs.get("tokenizer")
+        files, ready = self._files(model, processor) if hf else ({}, False)
         trainer_state = dataclasses.asdict(state)
         trainer_state["stateful_callbacks"] = {**(trainer_state.get("stateful_callbacks") or {}),
                                                "TrainerControl": control.state()}
-        files[TRAINER_STATE] = (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()
+        files[TRAINER_STATE_FILE] = (dumps_strict(trainer_state, indent=2, sort_keys=True) + "\n").encode()
         metrics = _step_metrics(state.log_history, state.global_step)
         payload = dict(
             state=_hf_state(model) if hf else model, epoch=state.epoch, metrics=metrics,
@@ -237,24 +240,22 @@ class CheckpointCallback(TrainerCallback):
         self._resume = None
         info = reader.get(name) if name else None
         if info is None or info.step != step:  # resumed from a path given by hand: our checkpoint of that step
-            try:
-                info = next((i for i in self.manager.list(sort_by="createdAt").data if i.step == step), None)
-            except CheckpointNotFoundError:
-                info = None
+            info = next((i for i in self.manager.list(sort_by="createdAt").data if i.step == step), None) \
+                if self.manager.latest() is not None else None
             reader = self.manager
-        if info is None or not any(f.path == TRAINING_STATE_FILE for f in info.files):
+        try:
+            training = reader.load_training_state(info.name) if info is not None else None
+        except CheckpointNotFoundError:
+            training = None
+        if info is None or training is None:
             logger.warning("resumed at step %d, but %s has no training state of that step (save_only_model?): "
                            "optimizer, scheduler and RNG start afresh", step, self.manager.root)
             return
-        training = reader.load_training_state(info.name)
-        if optimizer is not None and "optimizer" in training:
-            optimizer.load_state_dict(training["optimizer"])
-        if scheduler is not None and "scheduler" in training:
-            scheduler.load_state_dict(training["scheduler"])
+        TrainingStateValues(training).apply(optimizer=optimizer, scheduler=scheduler, rng=False)
         self._rng = training.get("rng")
         self._rng_at_epoch = info.epoch is not None and float(info.epoch).is_integer()
-        self.manager.resumed_from = info.name  # retention keeps it
-        self._saved_step = step
+        self.manager.resumed(info)  # retention keeps it; new checkpoints continue its run id
+        self.trigger.reset(step)
         if reader is not self.manager:  # a downloaded copy of a remote checkpoint: fully read by now
             shutil.rmtree(Path(folder).parent, ignore_errors=True)
         logger.info("resumed from %s (step %d)", info.name, step)
@@ -263,7 +264,7 @@ class CheckpointCallback(TrainerCallback):
         best = self.manager.best()
         if best is None:
             logger.warning("no best checkpoint in %s (monitor %r never appeared); the model keeps its last weights",
-                           self.manager.root, self.manager.retention.monitor)
+                           self.manager.root, self.manager.monitor[0])
             return
         module = unwrap_model(model)
         state = self.manager.load(best.name)
@@ -285,7 +286,7 @@ class CheckpointCallback(TrainerCallback):
             seen.update(entry)
         probe = CheckpointInfo(name="probe", step=0, epoch=seen.get("epoch"), train_loss=seen.get("loss"),
                                eval_loss=seen.get("eval_loss"), metrics=clean_metrics(seen))
-        if probe.metric(self.manager.retention.monitor) is None:
+        if probe.metric(self.manager.monitor[0]) is None:
             self._warn_monitor(f"the Trainer's metrics are {', '.join(sorted(probe.metrics))}")
 
     def _warn_monitor(self, why: str) -> None:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._distributed import barrier, from_rank0
-from ._errors import SaveError, StorageError
+from ._distributed import barrier
+from ._errors import CheckpointError
 from ._manager import CheckpointManager
-from ._policy import SavePolicy
 from ._sidecar import CheckpointInfo, clean_metrics, clean_number
+from ._trigger import SaveTrigger
 
 __all__ = ["CheckpointHook"]
 
@@ -59,14 +58,12 @@ class CheckpointHook:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.policy = SavePolicy(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
+        self.trigger = SaveTrigger(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
         self.manager = CheckpointManager(root, **manager_options)
         self.manager.check_writable()
         self._step = 0
         self._epoch: float | None = None
         self._train_loss: float | None = None
-        self._saved_step: int | None = None
-        self._saved_time = time.monotonic()
         self._pending_eval: dict[int, dict[str, Any]] = {}
         self._ended = False
 
@@ -84,7 +81,8 @@ class CheckpointHook:
         if self.manager.latest() is None:
             return 0
         info = self.manager.restore(name, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        self._step = self._saved_step = info.step
+        self._step = info.step
+        self.trigger.reset(info.step)
         self._epoch = info.epoch
         logger.info("resumed from %s (step %d)", info.name, info.step)
         barrier()
@@ -93,31 +91,36 @@ class CheckpointHook:
     def step(self, step: int, *, loss: float | None = None, epoch: float | None = None) -> CheckpointInfo | None:
         """Record optimizer step ``step`` (steps done so far) and save if one is due.
 
-        A failed scheduled save is logged and training goes on; the next save tries again.
+        A failed scheduled save is logged and training goes on, whatever the storage did; the
+        next save tries again.
         """
         self._step, self._train_loss = step, loss
         if epoch is not None:
             self._epoch = epoch
-        due = self.policy.should_save(step, last_step=self._saved_step, last_time=self._saved_time,
-                                      now=time.monotonic())
-        if self.policy.every_n_seconds is not None:
-            due = from_rank0(due)  # clocks differ between ranks: rank 0 decides for all
-        if not due:
+        if not self.trigger.due(step):
             return None
         try:
             return self._save("automatic")
-        except (SaveError, StorageError) as exc:
+        except CheckpointError as exc:
             logger.error("scheduled checkpoint at step %d was not saved: %s", step, exc)
             return None
 
     def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
-        """Record an evaluation at ``step``; it is added to that step's checkpoint and counts for best."""
+        """Record an evaluation at ``step``; it is added to that step's checkpoint and counts for best.
+
+        Storage trouble while the checkpoint's sidecar is rewritten is logged; training goes on.
+        """
         given = CheckpointInfo(name="evaluation", step=step, train_loss=self._train_loss,
-                               eval_loss=clean_number(eval_loss), metrics=clean_metrics(metrics))
-        if given.metric(self.manager.retention.monitor) is None:
+                               eval_loss=clean_number(eval_loss, key="eval_loss"), metrics=clean_metrics(metrics))
+        if given.metric(self.manager.monitor[0]) is None:
             self.manager.warn_missing_monitor(f"evaluate() at step {step} gave {', '.join(_names(given)) or 'nothing'}")
-        updated = self.manager.update_metrics(step, eval_loss=eval_loss, metrics=metrics)
-        if updated is None and (self._saved_step is None or step > self._saved_step):
+        try:
+            updated = self.manager.update_metrics(step, eval_loss=eval_loss, metrics=metrics)
+        except CheckpointError as exc:
+            logger.error("the evaluation at step %d was not recorded in its checkpoint: %s", step, exc)
+            return
+        saved = self.trigger.last_step
+        if updated is None and (saved is None or step > saved):
             # No checkpoint at this step yet: keep it for a save at the same step.
             self._pending_eval[step] = {"eval_loss": eval_loss, "metrics": dict(metrics or {})}
 
@@ -157,7 +160,7 @@ class CheckpointHook:
             )
         finally:
             barrier()
-        self._saved_step, self._saved_time = self._step, time.monotonic()
+        self.trigger.saved(self._step)
         return info
 
 

@@ -1,11 +1,10 @@
-"""All storage access: one fsspec filesystem object per root, and the commit protocol.
+"""All storage access: one fsspec filesystem object per root, literal paths, errors translated.
 
-Everything goes through ``fsspec.url_to_fs(root, **storage_options)``. A local root
-gets one deliberate fast path: a checkpoint is built in a hidden staging folder in
-the same root, each file fsynced, and renamed into place, because a local rename is
-atomic and an fsync is what makes "saved" mean "survives a power cut". On object
-stores, where rename is a copy, data objects are written in place first and the
-sidecar last; a folder without a sidecar is incomplete and invisible.
+Everything goes through ``fsspec.url_to_fs(root, **storage_options)``; every call takes one
+literal path (fsspec expands glob patterns in ``rm``/``copy``/``expand_path`` on some
+backends, so those are never used). Local roots get deliberate fast paths: fsynced
+(O_DIRECT) writes, atomic renames, one tree removal. How files become a checkpoint is
+`_commit`'s business, not this module's.
 
 Backend errors are translated here, in one place, into `StorageError` /
 `CheckpointNotFoundError`, with any credential from ``storage_options`` scrubbed.
@@ -18,7 +17,6 @@ import contextlib
 import logging
 import mmap
 import os
-import socket
 import threading
 import time
 import uuid
@@ -28,15 +26,13 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, StorageError
-from ._sidecar import SIDECAR_NAME
+from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
+from ._layout import STAGING_PREFIX, TMP_INFIX
 
-__all__ = ["INCOMPLETE_MARKER", "STAGING_PREFIX", "UPLOAD_PART_SIZE", "Storage", "Transaction"]
+__all__ = ["UPLOAD_PART_SIZE", "Storage", "fsync_dir"]
 
 logger = logging.getLogger("ckpt_callback")
 
-STAGING_PREFIX = ".ckpt-staging-"
-INCOMPLETE_MARKER = ".ckpt-incomplete"  # in a checkpoint folder being written (object stores) or deleted
 UPLOAD_PART_SIZE = 6 << 20  # one multipart part (S3 minimum: 5 MiB); bounds upload memory
 # Local checkpoint files are written with O_DIRECT (see _DirectFile); benchmarks/bench_save.py
 # measures it against buffered writes + fsync (the ours_sync_buffered row).
@@ -179,26 +175,40 @@ class Storage:
         self._call("creating folder", rel, lambda: self.fs.makedirs(self.path(rel), exist_ok=True), write=True)
 
     def check_writable(self) -> None:
-        """Create the root if needed and prove it can be written, with a clear error if not."""
+        """Prove the root can be written, with a clear error if not.
+
+        A local root is created. On an object store the bucket must exist: it is never created
+        (a typo in a bucket name must not make a new bucket).
+        """
         probe = f"{STAGING_PREFIX}probe-{uuid.uuid4().hex[:8]}"
         try:
-            self.makedirs()
+            if self.is_local:
+                self.makedirs()
+            else:
+                bucket = self.root.split("/", 1)[0]
+                if bucket and not self._call("checking", "", lambda: self.fs.exists(bucket)):
+                    raise StorageError(
+                        f"bucket {bucket!r} of {self.display()} does not exist; create it first "
+                        "(ckpt-callback never creates buckets)"
+                    )
             self.write_bytes_atomic(probe, b"ok")
             self.remove(probe)
         except StorageError as exc:
             raise StorageError(f"checkpoint root {self.display()} cannot be written: {exc}") from exc
 
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+    def write_bytes_atomic(self, rel: str, data: bytes, *, make_parents: bool = True) -> None:
         """Replace ``rel`` with ``data`` so a reader sees the old or the new bytes, never a part.
 
         Local: write a temporary file, fsync, rename over. Object stores: one PUT is atomic.
+        ``make_parents=False``: fail (StorageError) rather than re-create a folder that is gone.
         """
         target = self.path(rel)
         if self.is_local:
             def local() -> None:
                 # Deliberate local fast path: os.replace is atomic, fsync makes it durable.
-                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
+                if make_parents:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
                 try:
                     with open(tmp, "wb") as f:
                         f.write(data)
@@ -244,89 +254,59 @@ class Storage:
         return result
 
     def remove(self, rel: str) -> None:
-        """Remove one file; a missing one is fine."""
+        """Remove one file (a literal path, never a pattern); a missing one is fine."""
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path(rel))
         self._call("deleting", rel, rm)
 
-    def remove_tree(self, rel: str) -> None:
-        """Remove folder ``rel`` and all below it; a missing one is fine."""
-        def rm() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path(rel), recursive=True)
+    def list_files(self, rel: str = "") -> dict[str, dict[str, Any]]:
+        """Every file below folder ``rel`` (relative to it) with fsspec's details; ``{}`` when none.
+
+        One recursive listing: on object stores a paginated LIST, whatever the depth.
+        """
+        base = self.path(rel).rstrip("/") + "/"
+
+        def find() -> dict[str, dict[str, Any]]:
             self.fs.invalidate_cache(self.path(rel))
-        self._call("deleting", rel, rm)
+            try:
+                found = self.fs.find(self.path(rel), detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(base):]: d for p, d in found.items() if p.startswith(base) and d.get("type") != "directory"}
+        return self._call("listing", rel, find)
 
-    def remove_marked_folder(self, rel: str) -> None:
-        """Remove a folder holding `INCOMPLETE_MARKER`, the marker last: killed half-way, what is
-        left still carries it, so a later cleanup still knows the folder is ours."""
-        others = [f for f in self.find_files(rel) if f != INCOMPLETE_MARKER]
-        if others:
-            self._call("deleting", rel, lambda: self.fs.rm([self.path(rel, f) for f in others]))
-        self.remove_tree(rel)
+    def remove_tree(self, rel: str, *, last: str | None = None) -> None:
+        """Remove folder ``rel`` and everything below it, file by literal file (no glob expansion).
 
-    def begin(self, name: str) -> Transaction:
-        """Start writing checkpoint ``name``; see `Transaction`."""
-        return Transaction(self, name)
+        ``last``: a file removed after all others (the lease marker), so a delete killed half-way
+        still leaves a folder that cleanup knows is ours.
+        """
+        if self.is_local:
+            # Deliberate local fast path: one tree removal instead of a call per file.
+            import shutil
 
-
-class Transaction:
-    """The files of one checkpoint being written; `commit` makes them visible at once.
-
-    Local: files go to ``ROOT/.ckpt-staging-RAND-PID@HOST@NAME/`` and the folder is renamed to
-    ``ROOT/NAME`` after the sidecar is in it. Object stores: an `INCOMPLETE_MARKER` object goes
-    to ``ROOT/NAME/`` first, then the files, then the sidecar (the commit), then the marker is
-    removed. The marker is how a later cleanup knows a sidecar-less folder is a crashed save of
-    ours and not somebody else's folder that happens to live under the root.
-    """
-
-    def __init__(self, storage: Storage, name: str) -> None:
-        self.storage = storage
-        self.name = name
-        leftover = storage.exists(name) and not storage.exists(f"{name}/{SIDECAR_NAME}")
-        if leftover and not storage.exists(f"{name}/{INCOMPLETE_MARKER}"):
-            raise CheckpointExistsError(
-                f"{storage.display(name)} exists and is not a checkpoint; choose another name or move that folder"
-            )
-        if storage.is_local:
-            # Owner in the name, so a later cleanup can tell a crashed writer from a live one.
-            self.folder = f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}@{name}"
-        else:
-            self.folder = name
-            if leftover:
-                storage.remove_tree(name)  # an earlier, never committed attempt of ours
-            storage.write_bytes_atomic(f"{name}/{INCOMPLETE_MARKER}", b"")
-
-    def write(self, rel: str, produce: Callable[[Any], T]) -> T:
-        """Write one file of the checkpoint; see `Storage.write_stream`."""
-        return self.storage.write_stream(f"{self.folder}/{rel}", produce)
-
-    def commit(self, sidecar: bytes) -> None:
-        """Write the sidecar last, then (local) rename the staging folder into place."""
-        s = self.storage
-        s.write_bytes_atomic(f"{self.folder}/{SIDECAR_NAME}", sidecar)
-        if not s.is_local:
-            s.remove(f"{self.folder}/{INCOMPLETE_MARKER}")
+            self._call("deleting", rel, lambda: shutil.rmtree(self.path(rel), ignore_errors=True))
             return
-        final = s.path(self.name)
-        staging = s.path(self.folder)
+        files = sorted(self.list_files(rel), key=lambda f: f == last)
+        for f in files:
+            self.remove(f"{rel}/{f}")
+        with contextlib.suppress(CheckpointError):  # pseudo-folders (memory://, some S3 servers)
+            self._call("deleting", rel, lambda: self.fs.rmdir(self.path(rel)))
+        self.fs.invalidate_cache(self.path(rel))
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one object inside the root (server-side on object stores), a literal path."""
+        self._call("copying", dst, lambda: self.fs.cp_file(self.path(src), self.path(dst)), write=True)
+
+    def rename_local(self, src: str, dst: str) -> None:
+        """Atomically rename a local folder (the commit point of a local checkpoint) and make it durable."""
+        assert self.is_local
 
         def rename() -> None:
-            if os.path.lexists(final):
-                if os.path.exists(os.path.join(final, SIDECAR_NAME)) or not os.path.exists(
-                    os.path.join(final, INCOMPLETE_MARKER)
-                ):
-                    raise FileExistsError(f"{final} exists and is not an unfinished checkpoint of ours")
-                _rmtree_local(final)  # a half-deleted checkpoint of the same name
-            os.rename(staging, final)
-            fsync_dir(os.path.dirname(final))
-        s._call("committing", self.name, rename, write=True)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.storage.remove_tree(self.folder)
-
+            os.rename(self.path(src), self.path(dst))
+            fsync_dir(self.root)
+        self._call("renaming", src, rename, write=True)
 
 class _LocalFile:
     """A local file being written; `finish` makes it durable (fsync)."""
@@ -543,30 +523,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _rmtree_local(path: str) -> None:
-    import shutil  # local-only: removing an incomplete leftover before a rename
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def staging_owner_alive(folder: str) -> bool:
-    """Whether a local staging folder belongs to a process still running on this host."""
-    try:
-        head, host, _ = folder[len(STAGING_PREFIX):].split("@", 2)
-        pid = int(head.rsplit("-", 1)[1])
-    except (ValueError, IndexError):
-        return False
-    if host != socket.gethostname():
-        return True  # cannot tell; leave other hosts' work alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_transient(exc: BaseException) -> bool:

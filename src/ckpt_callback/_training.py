@@ -1,17 +1,111 @@
-"""What a training run is made of, turned into plain data: model tensors, RNG states, descriptions."""
+"""What a training run is made of, turned into plain data and back.
+
+`TrainingState` owns the optimizer, scheduler, RNG and extra state of a checkpoint: capture
+from live objects, the files it becomes (``optimizer.safetensors`` + ``training_state.json``),
+parsing those files, and applying the result back. Model helpers (state dicts, unwrapping,
+descriptions) live here too.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._errors import InvalidArgumentError
+from ._errors import CorruptCheckpointError, InvalidArgumentError
+from ._layout import OPTIMIZER_FILE, TRAINING_STATE_FILE
+from ._serialization import flatten_state, unflatten_state
 
-__all__ = ["capture_rng", "describe_model", "model_state", "restore_rng"]
+__all__ = ["TrainingState", "capture_rng", "describe_model", "model_state", "restore_rng", "unwrap_model"]
+
+_FORMAT = "ckpt_callback.training_state/1"
+
+
+@dataclass
+class TrainingState:
+    """Optimizer, scheduler, RNG and extra state as a JSON skeleton plus a flat tensor dict.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> state = TrainingState.capture(optimizer=opt, rng=False)
+        >>> doc, tensors = state.to_files(step=3, epoch=None)
+        >>> sorted(TrainingState.from_files(doc, tensors).values)
+        ['optimizer']
+    """
+
+    skeleton: Any
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def capture(
+        cls,
+        *,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        rng: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> TrainingState | None:
+        """What is live now (nothing copied yet: `_writer` snapshots tensors for background saves)."""
+        payload: dict[str, Any] = {}
+        if optimizer is not None:
+            payload["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            payload["scheduler"] = scheduler.state_dict()
+        if extra:
+            payload["extra"] = dict(extra)
+        if rng:
+            payload["rng"] = capture_rng()
+        if not payload:
+            return None
+        skeleton, tensors = flatten_state(payload)
+        return cls(skeleton, tensors)
+
+    def to_files(self, *, step: int, epoch: float | None) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """``training_state.json`` bytes (strict JSON) and the tensors of ``optimizer.safetensors``."""
+        doc = {"format": _FORMAT, "step": step, "epoch": epoch, "state": self.skeleton}
+        return (json.dumps(doc, allow_nan=False) + "\n").encode(), self.tensors
+
+    @staticmethod
+    def from_files(doc: bytes, tensors: Mapping[str, torch.Tensor], *, where: str = TRAINING_STATE_FILE
+                   ) -> TrainingStateValues:
+        """Parse what `to_files` wrote (``tensors`` from ``optimizer.safetensors``)."""
+        try:
+            parsed = json.loads(doc)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict) or "state" not in parsed:
+            raise CorruptCheckpointError(f"{where} is not a training state document")
+        values = unflatten_state(parsed["state"], tensors)
+        if not isinstance(values, dict):
+            raise CorruptCheckpointError(f"{where} holds no training state object")
+        return TrainingStateValues(values)
+
+
+@dataclass
+class TrainingStateValues:
+    """A loaded training state: ``values`` holds optimizer, scheduler, rng, extra (those saved)."""
+
+    values: dict[str, Any]
+
+    def apply(self, *, optimizer: Any = None, scheduler: Any = None, rng: bool = True) -> None:
+        """Load the saved states into ``optimizer``/``scheduler`` and the RNGs."""
+        try:
+            if optimizer is not None and "optimizer" in self.values:
+                optimizer.load_state_dict(self.values["optimizer"])
+            if scheduler is not None and "scheduler" in self.values:
+                scheduler.load_state_dict(self.values["scheduler"])
+            if rng and "rng" in self.values:
+                restore_rng(self.values["rng"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"the saved training state does not fit: {exc}") from exc
+
+
+FILES = (OPTIMIZER_FILE, TRAINING_STATE_FILE)
 
 
 def model_state(state: Any) -> dict[str, torch.Tensor]:

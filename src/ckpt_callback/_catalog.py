@@ -1,0 +1,289 @@
+"""What is committed under a root: a view kept fresh from one listing, get, sort, paginate, summary.
+
+The view maps each checkpoint folder to its parsed sidecar and the sidecar's stamp (local:
+mtime, size and inode; object stores: the listing's ETag / time and size). A refresh lists the
+root once and reads only the sidecars it has not seen or whose stamp changed, so its cost does
+not grow with the number of checkpoints beyond that one listing. The manager's own writes
+update the view directly (`note`, `forget`).
+
+On object stores the same listing also proves that every file a sidecar lists is there with
+its size: a checkpoint whose files are gone is never listed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError
+from ._layout import SIDECAR
+from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
+from ._storage import Storage
+
+__all__ = ["Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning", "check_lookup_name"]
+
+logger = logging.getLogger("ckpt_callback")
+
+_SORT_ALIASES = {
+    "createdAt": "created_at", "created_at": "created_at", "created": "created_at",
+    "updatedAt": "updated_at", "updated_at": "updated_at",
+    "step": "step", "epoch": "epoch", "name": "name", "size": "size",
+    "trainLoss": "train_loss", "train_loss": "train_loss",
+    "evalLoss": "eval_loss", "eval_loss": "eval_loss",
+}
+
+
+class CheckpointWarning(UserWarning):
+    """Something about stored checkpoints a user should know, that does not stop the run."""
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """The best and latest checkpoints and the total size of all of them."""
+
+    best: CheckpointInfo | None
+    latest: CheckpointInfo | None
+    total_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bestCheckpoint": self.best.to_json() if self.best else None,
+            "latestCheckpoint": self.latest.to_json() if self.latest else None,
+            "totalSize": self.total_size,
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointPage:
+    """One page of `CheckpointManager.list`, shaped like the hosted checkpoint list APIs."""
+
+    data: list[CheckpointInfo]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+    total_count: int
+    summary: CheckpointSummary
+
+    def __iter__(self) -> Iterator[CheckpointInfo]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> CheckpointInfo:
+        return self.data[index]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [info.to_json() for info in self.data],
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "has_more": self.has_more,
+            "totalCount": self.total_count,
+            "summary": self.summary.to_json(),
+        }
+
+
+def check_lookup_name(name: object) -> str:
+    """A name that may be looked up: one literal path component (a new name is checked more strictly)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(f"checkpoint name must be a non-empty string, got {name!r}")
+    if any(c in name for c in "/\\"):
+        raise InvalidNameError(f"checkpoint name {name!r} contains a path separator; give one folder name")
+    if name.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidNameError(f"{name!r} is not a checkpoint name (names do not start with '.' or hold "
+                               "control characters)")
+    return name
+
+
+class Catalog:
+    """The committed checkpoints under one root, from their sidecars."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._view: dict[str, tuple[Any, CheckpointInfo]] = {}
+        self._warned: set[tuple[str, Any]] = set()
+        self._lock = threading.Lock()
+        self.damaged: dict[str, CheckpointInfo] = {}  # object stores: sidecars whose files are missing
+
+    # --- the view -----------------------------------------------------------------------------
+
+    def refresh(self) -> builtins.list[CheckpointInfo]:
+        """Every committed checkpoint, from one listing plus the sidecars that are new or changed."""
+        stamps, present = self._stamps()
+        with self._lock:
+            old = dict(self._view)
+        view: dict[str, tuple[Any, CheckpointInfo]] = {}
+        for folder, stamp in stamps.items():
+            cached = old.get(folder)
+            if cached is not None and cached[0] == stamp:
+                view[folder] = cached
+                continue
+            info = self._read(folder, stamp)
+            if info is not None:
+                view[folder] = (stamp, info)
+        damaged = {}
+        if present is not None:  # object stores: never list a checkpoint whose files are gone
+            for folder, (_, info) in builtins.list(view.items()):
+                files = present.get(folder, {})
+                if any(e.path not in files for e in info.files):
+                    logger.warning("not listing %s: files of its sidecar are missing", self.storage.display(folder))
+                    damaged[folder] = info
+                    del view[folder]
+        with self._lock:
+            self._view, self.damaged = view, damaged
+        return [info for _, info in view.values()]
+
+    def _stamps(self) -> tuple[dict[str, Any], dict[str, dict[str, int]] | None]:
+        s = self.storage
+        if s.is_local:
+            # Deliberate local fast path: one scandir and one stat per folder, no file listing.
+            stamps: dict[str, Any] = {}
+            try:
+                entries = builtins.list(os.scandir(s.path()))
+            except FileNotFoundError:
+                return {}, None
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    st = os.stat(os.path.join(entry.path, SIDECAR))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                stamps[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            return stamps, None
+        stamps = {}
+        present: dict[str, dict[str, int]] = {}
+        for rel, detail in s.list_files("").items():
+            if "/" not in rel or rel.startswith("."):
+                continue
+            folder, inner = rel.split("/", 1)
+            present.setdefault(folder, {})[inner] = int(detail.get("size") or 0)
+            if inner == SIDECAR:
+                stamps[folder] = tuple(str(detail.get(k)) for k in ("ETag", "LastModified", "mtime", "created", "size"))
+        return stamps, present
+
+    def _read(self, folder: str, stamp: Any) -> CheckpointInfo | None:
+        where = self.storage.display(folder, SIDECAR)
+        try:
+            info = CheckpointInfo.loads(self.storage.read_bytes(f"{folder}/{SIDECAR}"), where=where)
+        except CheckpointNotFoundError:
+            return None  # deleted between the listing and the read
+        except SidecarError as exc:
+            if (folder, stamp) not in self._warned:
+                self._warned.add((folder, stamp))
+                warnings.warn(f"skipping checkpoint folder {folder!r}: {exc}", CheckpointWarning, stacklevel=4)
+                logger.warning("skipping checkpoint folder %r: %s", folder, exc)
+            return None
+        return info if info.name == folder else info.replace(name=folder, updated_at=info.updated_at)
+
+    def cached(self) -> builtins.list[CheckpointInfo]:
+        """The view as last refreshed or noted, without touching storage."""
+        with self._lock:
+            return [info for _, info in self._view.values()]
+
+    def note(self, info: CheckpointInfo) -> None:
+        """This process committed or rewrote ``info``: the view has it without a listing."""
+        with self._lock:
+            self._view[info.name] = (None, info)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._view.pop(name, None)
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def read(self, name: str) -> CheckpointInfo | None:
+        """The committed sidecar of folder ``name`` read now, or None."""
+        where = self.storage.display(name, SIDECAR)
+        try:
+            info = CheckpointInfo.loads(self.storage.read_bytes(f"{name}/{SIDECAR}"), where=where)
+        except CheckpointNotFoundError:
+            return None
+        return info if info.name == name else info.replace(name=name, updated_at=info.updated_at)
+
+    def require_root(self) -> None:
+        if not self.storage.exists():
+            raise CheckpointNotFoundError(f"checkpoint root {self.storage.display()} does not exist")
+
+    def get(self, name: str) -> CheckpointInfo:
+        """Checkpoint ``name`` (or id), read now; see `CheckpointManager.get`."""
+        check_lookup_name(name)
+        info = self.read(name)
+        if info is not None:
+            return info
+        self.require_root()
+        found = next((i for i in self.refresh() if i.id == name), None)
+        if found is not None:
+            return found
+        hint = ""
+        if self.storage.list_files(name):
+            hint = " (the folder exists but has no checkpoint.json: it is incomplete or not a checkpoint)"
+        raise CheckpointNotFoundError(f"checkpoint {name!r} not found in {self.storage.display()}{hint}")
+
+    def page(
+        self,
+        infos: Sequence[CheckpointInfo],
+        *,
+        sort_by: str,
+        order: str,
+        limit: int | None,
+        after: str | None,
+        type: str | None,
+        summary: CheckpointSummary,
+    ) -> CheckpointPage:
+        """One sorted, filtered page of ``infos``."""
+        if order not in ("asc", "desc"):
+            raise InvalidArgumentError(f"order must be 'asc' or 'desc', got {order!r}")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100):
+            raise InvalidArgumentError(f"limit must be an integer from 1 to 100, got {limit!r}")
+        if type is not None and type not in CHECKPOINT_TYPES:
+            raise InvalidArgumentError(f"type must be one of {', '.join(CHECKPOINT_TYPES)}, got {type!r}")
+        ordered = sort(infos, sort_by, descending=order == "desc")
+        if type is not None:
+            ordered = [i for i in ordered if i.type == type]
+        start = 0
+        if after is not None:
+            position = next((k for k, i in enumerate(ordered) if after in (i.id, i.name)), None)
+            if position is None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint with id {after!r} in {self.storage.display()} (used as 'after')")
+            start = position + 1
+        data = ordered[start : start + limit] if limit is not None else ordered[start:]
+        return CheckpointPage(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=start + len(data) < len(ordered),
+            total_count=len(ordered),
+            summary=summary,
+        )
+
+
+def sort(infos: Sequence[CheckpointInfo], sort_by: str, *, descending: bool) -> builtins.list[CheckpointInfo]:
+    """Sort by ``sort_by``; entries without the value go last either way; ties by step, time, name."""
+    attr = _SORT_ALIASES.get(sort_by)
+    known_metrics = {k for i in infos for k in i.metrics}
+    if attr is None and sort_by not in known_metrics:
+        valid = sorted({k for k in _SORT_ALIASES if not k.endswith(("_at", "_loss")) and k != "created"})
+        raise InvalidArgumentError(
+            f"cannot sort by {sort_by!r}: use one of {', '.join(valid)} or a metric name "
+            f"({', '.join(sorted(known_metrics)) or 'none recorded yet'})"
+        )
+
+    def value(info: CheckpointInfo) -> Any:
+        return getattr(info, attr) if attr is not None else info.metrics.get(sort_by)
+
+    def tie(info: CheckpointInfo) -> tuple[int, str, str]:
+        return (info.step, info.created_at, info.name)
+
+    present = sorted((i for i in infos if value(i) is not None), key=lambda i: (value(i), tie(i)), reverse=descending)
+    missing = sorted((i for i in infos if value(i) is None), key=tie, reverse=descending)
+    return present + missing

@@ -1,0 +1,61 @@
+"""Every file name and prefix this library puts on storage, in one place.
+
+A checkpoint is the folder ``ROOT/NAME/`` with its sidecar written last. Everything else the
+library writes is hidden (a leading ``.``) and recognisable by its prefix, so cleanup touches
+only what is provably ours:
+
+- ``ROOT/.ckpt-staging-TXID/``: a checkpoint being written before it gets its name (local roots
+  always; object stores when it replaces a committed checkpoint of the same name).
+- ``ROOT/.ckpt-trash-TXID-NAME/``: a local checkpoint renamed away to be deleted.
+- ``NAME/.ckpt-incomplete``: the lease of the process writing or deleting a folder (JSON: who,
+  where, until when); a folder carrying it and no sidecar is never listed.
+- ``NAME/checkpoint.json.tmp-XXXX``: a local sidecar rewrite in progress.
+"""
+
+from __future__ import annotations
+
+from ._sidecar import SIDECAR_NAME
+
+__all__ = [
+    "CONFIG_FILES",
+    "MARKER",
+    "MODEL_INDEX",
+    "MODEL_PREFIX",
+    "OPTIMIZER_FILE",
+    "SIDECAR",
+    "STAGING_PREFIX",
+    "TMP_INFIX",
+    "TRAINER_STATE_FILE",
+    "TRAINING_STATE_FILE",
+    "TRASH_PREFIX",
+    "default_name",
+    "is_library_temp",
+    "is_model_weights",
+]
+
+SIDECAR = SIDECAR_NAME
+MODEL_PREFIX = "model"
+MODEL_INDEX = "model.safetensors.index.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINING_STATE_FILE = "training_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILES = ("config.json", "generation_config.json")
+MARKER = ".ckpt-incomplete"
+STAGING_PREFIX = ".ckpt-staging-"
+TRASH_PREFIX = ".ckpt-trash-"
+TMP_INFIX = ".tmp-"
+
+
+def default_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def is_model_weights(rel: str) -> bool:
+    """Whether ``rel`` is one of the model's safetensors files (``model.safetensors`` or a shard)."""
+    return "/" not in rel and rel.startswith(MODEL_PREFIX) and rel.endswith(".safetensors")
+
+
+def is_library_temp(rel: str) -> bool:
+    """A file of a checkpoint folder that the library writes only for a moment (lease, sidecar rewrite)."""
+    base = rel.rsplit("/", 1)[-1]
+    return base == MARKER or base.startswith(SIDECAR + TMP_INFIX)

@@ -1,0 +1,262 @@
+"""Reading committed checkpoints: load, restore weights, training state, verify, download.
+
+Every byte goes through one verified stream (`Reader.open_verified`): the path comes from a
+validated sidecar entry, reads are bounded by the size the sidecar promises, and the sha256
+is checked as the bytes pass. Nothing outside the checkpoint folder (or a download's DEST)
+is ever read or written.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
+from ._layout import MODEL_INDEX, OPTIMIZER_FILE, SIDECAR, TRAINING_STATE_FILE, is_library_temp, is_model_weights
+from ._serialization import aliases_from_metadata, parse_index, read_safetensors
+from ._sidecar import CheckpointInfo, FileEntry
+from ._storage import Storage
+from ._training import TrainingState, TrainingStateValues, unwrap_model
+
+__all__ = ["Reader"]
+
+_BLOCK = 8 << 20
+
+
+class _HashingReader:
+    """A read-only stream that hashes every byte and never reads past ``limit`` bytes."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.limit = limit
+
+    def read(self, n: int = -1) -> bytes:
+        room = self.limit - self.size
+        n = room if n is None or n < 0 else min(n, room)
+        data = bytes(self.raw.read(n)) if n > 0 else b""
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, view: memoryview) -> int:
+        view = view[: max(0, self.limit - self.size)]
+        if not len(view):
+            return 0
+        readinto = getattr(self.raw, "readinto", None)
+        if readinto is not None:
+            n = readinto(view) or 0
+        else:
+            data = self.raw.read(len(view))
+            n = len(data)
+            view[:n] = data
+        self.digest.update(view[:n])
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(_BLOCK):
+            pass
+
+    def at_end(self) -> bool:
+        """Whether the underlying file has nothing beyond what was read (a longer file is altered)."""
+        return not self.raw.read(1)
+
+
+class Reader:
+    """Reads the files of committed checkpoints under one root."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def _where(self, info: CheckpointInfo, rel: str) -> str:
+        return self.storage.display(info.name, rel)
+
+    @staticmethod
+    def entry(info: CheckpointInfo, rel: str) -> FileEntry | None:
+        return next((f for f in info.files if f.path == rel), None)
+
+    @contextlib.contextmanager
+    def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[_HashingReader]:
+        """A stream of file ``rel`` of ``info``, bounded by its listed size; on a clean exit with
+        ``verify`` the size and sha256 are checked (`CorruptCheckpointError` if they differ)."""
+        entry = self.entry(info, rel)
+        where = self._where(info, rel)
+        if entry is None:
+            raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
+        try:
+            with self.storage.open_read(f"{info.name}/{entry.path}") as raw:
+                stream = _HashingReader(raw, entry.size)
+                yield stream
+                if verify:
+                    stream.drain()
+                    if stream.size != entry.size or not stream.at_end():
+                        raise CorruptCheckpointError(
+                            f"{where} does not have the {entry.size} bytes the sidecar says: "
+                            "it is truncated or altered")
+                    if stream.digest.hexdigest() != entry.sha256:
+                        raise CorruptCheckpointError(f"{where} does not match its sha256 in the sidecar: it is corrupt")
+        except CheckpointNotFoundError as exc:
+            raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
+
+    def read_bytes(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> bytes:
+        with self.open_verified(info, rel, verify=verify) as stream:
+            return stream.read()
+
+    def read_tensors(self, info: CheckpointInfo, rel: str, *, verify: bool = True,
+                     into: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        where = self._where(info, rel)
+        with self.open_verified(info, rel, verify=verify) as stream:
+            return read_safetensors(stream, where=where, into=into, size=stream.limit)
+
+    # --- model weights --------------------------------------------------------------------------
+
+    def load(self, info: CheckpointInfo, *, verify: bool = True,
+             into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The model state dict of ``info``; tied names come back as one tensor under each name."""
+        if self.entry(info, MODEL_INDEX) is not None:
+            filenames, aliases = parse_index(self.read_bytes(info, MODEL_INDEX, verify=verify),
+                                             self._where(info, MODEL_INDEX))
+            missing = [f for f in filenames if self.entry(info, f) is None]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{self._where(info, MODEL_INDEX)} names {missing[0]!r}, which the sidecar does not list")
+        else:
+            filenames, aliases = [f.path for f in info.files if is_model_weights(f.path)], {}
+        if not filenames:
+            raise CorruptCheckpointError(f"checkpoint {info.name!r} in {self.storage.display()} lists no model weights")
+        state: dict[str, torch.Tensor] = {}
+        for filename in filenames:
+            tensors, metadata = self.read_tensors(info, filename, verify=verify, into=into)
+            state.update(tensors)
+            aliases.update(aliases_from_metadata(metadata))
+        for alias, target in aliases.items():
+            if target not in state:
+                raise CorruptCheckpointError(f"checkpoint {info.name!r}: {alias!r} is tied to {target!r}, not stored")
+            state[alias] = state[target]
+        return state
+
+    def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:
+        """Read checkpoint ``info``'s weights straight into ``model``'s own tensors."""
+        module = unwrap_model(model)
+        live = module.state_dict()
+        try:
+            state = self.load(info, verify=verify, into=live)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(
+                f"{exc}; the model now holds partly loaded weights: restore another checkpoint") from exc
+        loaded = {_storage_id(live[k]): k for k in state if k in live}
+        for key, tensor in live.items():  # tied copies a writer dropped (HF layout) come from their twin
+            if key not in state and _storage_id(tensor) in loaded:
+                state[key] = state[loaded[_storage_id(tensor)]]
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type != "cpu":
+            state = {k: v.to(device) for k, v in state.items()}
+        try:
+            module.load_state_dict(state, strict=strict)
+        except RuntimeError as exc:
+            raise CorruptCheckpointError(
+                f"checkpoint {info.name!r} does not fit the model: {str(exc).splitlines()[0]} "
+                "(pass strict=False to load what matches)") from exc
+
+    # --- training state -----------------------------------------------------------------------
+
+    def has_training_state(self, info: CheckpointInfo) -> bool:
+        return self.entry(info, TRAINING_STATE_FILE) is not None
+
+    def training_state(self, info: CheckpointInfo, *, verify: bool = True) -> TrainingStateValues:
+        if not self.has_training_state(info):
+            raise CheckpointNotFoundError(
+                f"checkpoint {info.name!r} in {self.storage.display()} has no training state")
+        doc = self.read_bytes(info, TRAINING_STATE_FILE, verify=verify)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.entry(info, OPTIMIZER_FILE) is not None:
+            tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify)
+        return TrainingState.from_files(doc, tensors, where=self._where(info, TRAINING_STATE_FILE))
+
+    # --- verify and copy ----------------------------------------------------------------------
+
+    def problems(self, info: CheckpointInfo) -> builtins.list[str]:
+        """Every missing, truncated, altered or unlisted file of checkpoint ``info``."""
+        problems = []
+        for entry in info.files:
+            try:
+                with self.open_verified(info, entry.path, verify=False) as stream:
+                    stream.drain()
+                    size = stream.size + _count_rest(stream.raw)
+            except CorruptCheckpointError:
+                problems.append(f"{entry.path}: missing")
+                continue
+            if size != entry.size:
+                problems.append(f"{entry.path}: size {size} != {entry.size} in the sidecar")
+            elif stream.digest.hexdigest() != entry.sha256:
+                problems.append(f"{entry.path}: sha256 does not match the sidecar")
+        listed = {e.path for e in info.files} | {SIDECAR}
+        try:
+            present = self.storage.list_files(info.name)
+        except StorageError as exc:
+            return [*problems, f"cannot list the folder: {exc}"]
+        problems += [f"{rel}: not listed in the sidecar" for rel in sorted(present)
+                     if rel not in listed and not is_library_temp(rel)]
+        return problems
+
+    def download(self, info: CheckpointInfo, dest: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
+        """Copy checkpoint ``info`` into local folder ``dest``, each file sha256-checked before it lands."""
+        target = Path(dest)
+        target.mkdir(parents=True, exist_ok=True)
+        base = target.resolve()
+        show = progress if progress is not None else (sys.stderr.isatty() and info.size > 4 << 20)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=info.size, unit="B", unit_scale=True, disable=not show, desc=info.name) as bar:
+            for entry in info.files:
+                out = (target / entry.path)
+                if not out.resolve().is_relative_to(base):  # sidecar paths are checked; links in DEST too
+                    raise CorruptCheckpointError(f"{entry.path!r} would be written outside {target}")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                partial = out.with_name(out.name + ".partial")
+                try:
+                    with self.open_verified(info, entry.path) as stream, open(partial, "wb") as f:
+                        buffer = memoryview(bytearray(_BLOCK))
+                        while n := stream.readinto(buffer):
+                            f.write(buffer[:n])
+                            bar.update(n)
+                    os.replace(partial, out)
+                finally:
+                    partial.unlink(missing_ok=True)
+        (target / SIDECAR).write_text(info.dumps())
+        return target
+
+    def signed_urls(self, info: CheckpointInfo, *, expires: int) -> dict[str, str]:
+        if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
+            raise InvalidArgumentError(f"expires must be a positive number of seconds, got {expires!r}")
+        urls = {}
+        for rel in [f.path for f in info.files] + [SIDECAR]:
+            try:
+                urls[rel] = self.storage.fs.sign(self.storage.path(info.name, rel), expiration=expires)
+            except NotImplementedError as exc:
+                raise StorageError(
+                    f"{self.storage.display()} cannot make signed URLs ({type(self.storage.fs).__name__} does not "
+                    "sign); use 'ckpt download' instead, or object storage such as s3://") from exc
+        return urls
+
+
+def _count_rest(raw: Any) -> int:
+    """Bytes left in ``raw`` (a file longer than its sidecar says), counted without keeping them."""
+    total = 0
+    while chunk := raw.read(_BLOCK):
+        total += len(chunk)
+    return total
+
+
+def _storage_id(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

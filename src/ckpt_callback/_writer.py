@@ -1,0 +1,209 @@
+"""The write pipeline: plan the files, write and hash them in one pass, commit; sync or in the background.
+
+A background save first copies every tensor into staging buffers that are reused from save to
+save (the only part that stops training), then one thread writes them while training goes on.
+One save is in flight at a time; a failed background save is logged when it fails and is not
+held against the next save.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import concurrent.futures.thread  # its exit hook must be registered before ours
+import contextlib
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._commit import CommitProtocol
+from ._errors import CheckpointError, SaveError
+from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
+from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
+from ._sidecar import CheckpointInfo, FileEntry
+from ._snapshot import StagingArea
+from ._training import TrainingState
+
+__all__ = ["SaveJob", "Writer"]
+
+logger = logging.getLogger("ckpt_callback")
+
+
+@dataclass
+class SaveJob:
+    """Everything one save writes, captured on the training thread."""
+
+    info: CheckpointInfo
+    model: dict[str, torch.Tensor]
+    training: TrainingState | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    replace: bool = True
+
+
+class Writer:
+    """Runs `SaveJob`s through `CommitProtocol`, then hands the committed info to ``on_commit``."""
+
+    def __init__(self, commit: CommitProtocol, *, max_shard_size: int | str, save_threads: int,
+                 on_commit: Callable[[CheckpointInfo], CheckpointInfo]) -> None:
+        self.commit = commit
+        self.max_shard_size = max_shard_size
+        self.on_commit = on_commit
+        self._lock = threading.Lock()
+        self._inflight: SaveJob | None = None  # a background job whose sidecar is not written yet
+        self._pending: concurrent.futures.Future[CheckpointInfo] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._staging = StagingArea()
+        self._hasher = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if save_threads > 1 else None
+        )
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def run(self, job: SaveJob) -> CheckpointInfo:
+        """Write and commit ``job`` now; raises `SaveError` (or a `CheckpointError`) if it fails."""
+        self.settle_previous()
+        try:
+            return self._run(job)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise SaveError(f"saving checkpoint {job.info.name!r} to {self.commit.storage.display()} "
+                            f"failed: {exc}") from exc
+
+    def submit(self, job: SaveJob) -> None:
+        """Snapshot ``job``'s tensors, then write and commit it on the background thread."""
+        self.settle_previous()
+        flat = {f"model/{k}": v for k, v in job.model.items()}
+        if job.training is not None:
+            flat.update({f"training/{k}": v for k, v in job.training.tensors.items()})
+        snap = self._staging.snapshot(flat)
+        job.model = {k: snap[f"model/{k}"] for k in job.model}
+        if job.training is not None:
+            tensors = {k: snap[f"training/{k}"] for k in job.training.tensors}
+            job.training = TrainingState(job.training.skeleton, tensors)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
+        with self._lock:
+            self._inflight = job
+        self._pending = self._executor.submit(self._background, job)
+        _WITH_PENDING_SAVES.add(self)
+
+    def _background(self, job: SaveJob) -> CheckpointInfo:
+        try:
+            return self._run(job)
+        except Exception as exc:
+            logger.error("background save of checkpoint %r to %s failed: %s", job.info.name,
+                         self.commit.storage.display(), exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight = None
+
+    def merge_inflight(self, step: int, merge: Callable[[CheckpointInfo], CheckpointInfo]) -> CheckpointInfo | None:
+        """Apply ``merge`` to the info of the background save of ``step`` if its sidecar is not written yet."""
+        with self._lock:
+            job = self._inflight
+            if job is None or job.info.step != step:
+                return None
+            job.info = merge(job.info)
+            return job.info
+
+    def _run(self, job: SaveJob) -> CheckpointInfo:
+        started = time.perf_counter()
+        txn = self.commit.begin(job.info.name, replace=job.replace)
+        try:
+            entries = self._write_files(txn, job)
+            with self._lock:  # metrics that arrived while the files were written
+                info = job.info
+                self._inflight = None
+            info = info.replace(files=tuple(entries), size=sum(e.size for e in entries))
+            txn.commit(info)
+        except BaseException:
+            txn.abort()
+            raise
+        logger.info("saved %s (%s, %s bytes) to %s in %.2fs", info.name, info.type, info.size,
+                    self.commit.storage.display(), time.perf_counter() - started)
+        try:
+            return self.on_commit(info)
+        except Exception as exc:  # committed: what follows (retention, callbacks) must not undo that
+            logger.error("after committing %s: %s", info.name, exc)
+            return info
+
+    def _write_files(self, txn: Any, job: SaveJob) -> list[FileEntry]:
+        entries: list[FileEntry] = []
+        plan = plan_model_files(job.model, max_shard_size=self.max_shard_size)
+        metadata = {"format": "pt"}
+        if plan.aliases:
+            metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
+        for filename, tensors in plan.files.items():
+            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata, hasher=self._hasher))
+            entries.append(FileEntry(filename, size, sha))
+        blobs = dict(job.files)
+        if plan.index is not None:
+            blobs[MODEL_INDEX] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
+        if job.training is not None:
+            doc, tensors = job.training.to_files(step=job.info.step, epoch=job.info.epoch)
+            size, sha = txn.write(
+                OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}, hasher=self._hasher))
+            entries.append(FileEntry(OPTIMIZER_FILE, size, sha))
+            blobs[TRAINING_STATE_FILE] = doc
+        for rel, data in blobs.items():
+            size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))
+            entries.append(FileEntry(rel, size, sha))
+        return entries
+
+    def settle_previous(self) -> None:
+        """Let the background save in flight finish; its failure was logged and is not raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending.result()
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the background save is committed; `SaveError` if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except CheckpointError as exc:
+            raise SaveError(f"background save failed: {exc}") from exc
+        except Exception as exc:
+            raise SaveError(f"background save to {self.commit.storage.display()} failed: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._staging = StagingArea()
+
+
+_WITH_PENDING_SAVES: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, let every last background save commit (and say so if one failed)."""
+    for writer in list(_WITH_PENDING_SAVES):
+        if writer._pending is not None:
+            try:
+                writer.wait()
+            except SaveError as exc:
+                logger.error("the last checkpoint was not saved: %s", exc)
+
+
+# Threading's exit hooks run in reverse order of registration, before atexit's. Registered after
+# concurrent.futures' own hook, ours runs first, while the executors still take work.
+_register_exit = getattr(threading, "_register_atexit", atexit.register)
+_register_exit(_wait_at_exit)
