@@ -395,7 +395,8 @@ def test_async_snapshot_keeps_tied_weights_tied_and_reuses_buffers(root, tiny_ne
     first = dict(m._writer._staging._buffers)
     m.save(tiny_net, step=2)
     m.wait()
-    assert {k: v.data_ptr() for k, v in m._writer._staging._buffers.items()} == {k: v.data_ptr() for k, v in first.items()}
+    buffers = m._writer._staging._buffers
+    assert {k: v.data_ptr() for k, v in buffers.items()} == {k: v.data_ptr() for k, v in first.items()}
     assert m._writer._staging.nbytes == sum(t.numel() * t.element_size() for t in
                                     {t.data_ptr(): t for t in tiny_net.state_dict().values()}.values())
     sync = CheckpointManager(make_root_like(root))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._catalog import CheckpointPage, CheckpointSummary, CheckpointWarning
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -21,7 +22,6 @@ from ._errors import (
     StorageError,
 )
 from ._hook import CheckpointHook
-from ._catalog import CheckpointPage, CheckpointSummary, CheckpointWarning
 from ._manager import CheckpointManager, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry

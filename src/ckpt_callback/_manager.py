@@ -350,8 +350,9 @@ class CheckpointManager:
             if self._own and self.writer and not self._warned_monitor:
                 infos = self._catalog.cached()
                 if infos and self._retention.best(infos) is None:
-                    known = sorted({k for i in infos for k in i.metrics} | {
-                        k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss)) if v is not None})
+                    losses = {k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss))
+                              if v is not None}
+                    known = sorted({k for i in infos for k in i.metrics} | losses)
                     self.warn_missing_monitor(f"checkpoints under {self.root} record {', '.join(known) or 'nothing'}")
 
     # --- finding ----------------------------------------------------------------------------------
