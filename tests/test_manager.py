@@ -126,15 +126,17 @@ def test_list_sorting_and_pagination_walk_every_checkpoint_once(root):
     for key in ["createdAt", "step", "evalLoss", "trainLoss", "acc", "epoch", "name"]:
         for order in ["asc", "desc"]:
             full = [i.name for i in m.list(sort_by=key, order=order)]
-            walked, after = [], None
-            while True:
-                page = m.list(sort_by=key, order=order, limit=3, after=after)
-                walked += [i.name for i in page]
-                assert page.total_count == 8
-                if not page.has_more:
-                    break
-                after = page.last_id
-            assert walked == full and len(set(walked)) == 8, (key, order)
+            for limit in (1, 3, 4, 8, 9):  # 4 and 8 end on a full page: has_more must be False there
+                walked, after = [], None
+                while True:
+                    page = m.list(sort_by=key, order=order, limit=limit, after=after)
+                    walked += [i.name for i in page]
+                    assert page.total_count == 8
+                    assert page.has_more == (len(walked) < 8), (key, order, limit, len(walked))
+                    if not page.has_more:
+                        break
+                    after = page.last_id
+                assert walked == full and len(set(walked)) == 8, (key, order)
     by_loss = [i.eval_loss for i in m.list(sort_by="evalLoss", order="asc")]
     assert by_loss[:6] == [0.1, 0.3, 0.3, 0.5, 0.7, 0.9] and by_loss[6:] == [None, None]
     page = m.list(sort_by="step", order="asc", limit=2)

@@ -210,7 +210,8 @@ class Catalog:
         return info if info.name == name else info.replace(name=name, updated_at=info.updated_at)
 
     def require_root(self) -> None:
-        if not self.storage.exists():
+        """A local root must exist; on object stores an empty prefix is an empty root (they cannot differ)."""
+        if self.storage.is_local and not self.storage.exists():
             raise CheckpointNotFoundError(f"checkpoint root {self.storage.display()} does not exist")
 
     def get(self, name: str) -> CheckpointInfo:

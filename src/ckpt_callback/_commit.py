@@ -136,8 +136,8 @@ class _LeaseKeeper:
             for storage, folder, lease in held:
                 fresh = Lease(**{**asdict(lease), "expires": time.time() + LEASE_SECONDS})
                 with contextlib.suppress(Exception):  # a failed refresh is retried; the lease has slack
-                    if lease.writer in self.live:
-                        storage.write_bytes_atomic(f"{folder}/{MARKER}", fresh.encode())
+                    if lease.writer in self.live:  # never re-creates a folder that was committed meanwhile
+                        storage.write_bytes_atomic(f"{folder}/{MARKER}", fresh.encode(), make_parents=False)
 
 
 _LEASES = _LeaseKeeper()
