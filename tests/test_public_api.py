@@ -48,8 +48,8 @@ def test_every_public_name_is_in_all():
               if not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
               and getattr(value, "__module__", "").startswith("ckpt_callback")}
     assert public - {"CheckpointCallback"} <= set(ckpt_callback.__all__), public - set(ckpt_callback.__all__)
-    for module in ("_errors", "_manager", "_catalog", "_sidecar", "_policy", "_hook"):
+    for module in ("_errors", "_manager", "_hook"):
         mod = __import__(f"ckpt_callback.{module}", fromlist=["__all__"])
         exported = {n for n in mod.__all__ if n[0].isupper() and not n.isupper()}
         missing = {n for n in exported if not hasattr(ckpt_callback, n)}
-        assert not missing or module in ("_sidecar", "_policy"), (module, missing)
+        assert not missing, (module, missing)

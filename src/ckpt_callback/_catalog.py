@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,9 +28,14 @@ from ._layout import SIDECAR
 from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
 from ._storage import Storage
 
-__all__ = ["Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning", "check_lookup_name"]
+__all__ = ["REFRESH_SECONDS", "Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning",
+           "check_lookup_name"]
 
 logger = logging.getLogger("ckpt_callback")
+
+# How stale the view may be when a save re-tags and prunes (other processes' checkpoints show up
+# within this time); `list`, `get` and friends always refresh.
+REFRESH_SECONDS = 30.0
 
 _SORT_ALIASES = {
     "createdAt": "created_at", "created_at": "created_at", "created": "created_at",
@@ -112,6 +119,7 @@ class Catalog:
         self._warned: set[tuple[str, Any]] = set()
         self._lock = threading.Lock()
         self.damaged: dict[str, CheckpointInfo] = {}  # object stores: sidecars whose files are missing
+        self._refreshed = -math.inf
 
     # --- the view -----------------------------------------------------------------------------
 
@@ -139,7 +147,19 @@ class Catalog:
                     del view[folder]
         with self._lock:
             self._view, self.damaged = view, damaged
+            self._refreshed = time.monotonic()
         return [info for _, info in view.values()]
+
+    def recent(self, max_age: float = REFRESH_SECONDS) -> builtins.list[CheckpointInfo]:
+        """The view, refreshed first only if the last refresh is older than ``max_age`` seconds.
+
+        What this process commits, rewrites or deletes is in the view at once (`note`, `forget`),
+        so a save's re-tagging and pruning need no listing of their own: the cost per save stays
+        flat however many checkpoints the root holds.
+        """
+        if time.monotonic() - self._refreshed > max_age:
+            return self.refresh()
+        return self.cached()
 
     def _stamps(self) -> tuple[dict[str, Any], dict[str, dict[str, int]] | None]:
         s = self.storage

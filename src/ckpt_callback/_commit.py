@@ -288,7 +288,6 @@ class CommitProtocol:
         lease = _LEASES.hold(self.storage, folder, "write", name)
         if not staged:
             # No compare-and-swap on object stores: read the marker back, the last writer wins it.
-            time.sleep(0.05)
             back = Lease.decode(self.storage.read_bytes(f"{folder}/{MARKER}"))
             if back is None or back.writer != lease.writer:
                 _LEASES.release(lease)

@@ -275,9 +275,9 @@ class CheckpointManager:
         """A save committed ``info``: note it, then re-tag and prune from one refreshed view."""
         self._own[info.name] = info.id
         self._catalog.note(info)
-        infos = self._catalog.refresh()
+        infos = self._catalog.recent()
         if not any(i.name == info.name for i in infos):
-            infos.append(info)
+            infos.append(info)  # a listing may lag behind the commit on some stores
         settled = self._retention.settle(infos)
         return next((i for i in settled if i.name == info.name), info)
 
