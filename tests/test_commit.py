@@ -235,3 +235,16 @@ def test_staging_prefix_is_hidden_from_listing(root):
     s = Storage(root)
     s.write_bytes_atomic(f"{STAGING_PREFIX}abc/checkpoint.json", b"{}")
     assert CheckpointManager(root).list(limit=5).data == []
+
+
+def test_a_killed_sidecar_rewrite_is_reported_by_verify_and_removed_by_cleanup(tmp_path):
+    root = str(tmp_path / "run")
+    CheckpointManager(root).save(state(), step=1)
+    leftover = tmp_path / "run" / "checkpoint-1" / "checkpoint.json.tmp-dead1234"
+    leftover.write_text("{")
+    (tmp_path / "run" / "checkpoint-1" / "planted.bin").write_bytes(b"x")
+    result = CheckpointManager(root).verify("checkpoint-1")[0]
+    assert result.problems == ["planted.bin: not listed in the sidecar"]
+    assert result.leftovers and "checkpoint.json.tmp-dead1234" in result.leftovers[0]
+    CheckpointManager(root).cleanup_incomplete()
+    assert not leftover.exists() and (tmp_path / "run" / "checkpoint-1" / "planted.bin").exists()

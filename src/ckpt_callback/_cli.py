@@ -349,6 +349,8 @@ def verify_command(root: str, name: str | None) -> int:
             click.echo(f"ok      {result.name}")
         for problem in result.problems:
             click.echo(f"FAILED  {result.name}/{problem}")
+        for leftover in result.leftovers:
+            click.echo(f"note    {result.name}/{leftover}")
     bad = [r.name for r in results if not r.ok]
     if bad:
         raise click.ClickException(f"{len(bad)} of {_count(len(results))} failed verification: {', '.join(bad)}")

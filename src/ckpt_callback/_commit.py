@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from ._errors import CheckpointExistsError, CheckpointNotFoundError, SidecarError, StorageError
-from ._layout import MARKER, SIDECAR, STAGING_PREFIX, TRASH_PREFIX
+from ._layout import MARKER, SIDECAR, STAGING_PREFIX, TMP_INFIX, TRASH_PREFIX
 from ._sidecar import CheckpointInfo
 from ._storage import Storage
 
@@ -423,7 +423,14 @@ class CommitProtocol:
             if folder.startswith(TRASH_PREFIX):
                 s.remove_tree(folder)
                 done.append(folder)
-            elif not folder.startswith(".") and MARKER in files:
+            elif not folder.startswith(".") and SIDECAR in files:
+                for rel in files:  # sidecar rewrites killed before their rename (local roots)
+                    # At worst a live rewrite in another process then fails and is logged there;
+                    # the sidecar it meant to replace is intact either way.
+                    if rel.startswith(SIDECAR + TMP_INFIX):
+                        s.remove(f"{folder}/{rel}")
+                        done.append(f"{folder}/{rel}")
+            if not folder.startswith(".") and MARKER in files:
                 state = self.state(folder)
                 if state.kind == "dead":
                     s.remove_tree(folder, last=MARKER)

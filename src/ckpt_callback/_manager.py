@@ -54,10 +54,14 @@ logger = logging.getLogger("ckpt_callback")
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The outcome of re-hashing one checkpoint: ``ok`` or the ``problems`` found, one per bad file."""
+    """The outcome of re-hashing one checkpoint: ``ok`` or the ``problems`` found, one per bad file.
+
+    ``leftovers`` names temporary files of interrupted writes: reported, harmless, removed by cleanup.
+    """
 
     name: str
     problems: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -548,4 +552,4 @@ class CheckpointManager:
             infos = sorted([*listed, *self._catalog.damaged.values()], key=lambda i: (i.step, i.name))
         else:
             infos = [self.get(name)]
-        return [VerifyResult(info.name, self._reader.problems(info)) for info in infos]
+        return [VerifyResult(info.name, self._reader.problems(info), self._reader.leftovers(info)) for info in infos]

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
-from ._layout import MODEL_INDEX, OPTIMIZER_FILE, SIDECAR, TRAINING_STATE_FILE, is_library_temp, is_model_weights
+from ._layout import (
+    MODEL_INDEX,
+    OPTIMIZER_FILE,
+    SIDECAR,
+    TMP_INFIX,
+    TRAINING_STATE_FILE,
+    is_library_temp,
+    is_model_weights,
+)
 from ._serialization import aliases_from_metadata, parse_index, read_safetensors
 from ._sidecar import CheckpointInfo, FileEntry
 from ._storage import Storage
@@ -185,6 +193,15 @@ class Reader:
 
     # --- verify and copy ----------------------------------------------------------------------
 
+    def leftovers(self, info: CheckpointInfo) -> builtins.list[str]:
+        """Temporary files of interrupted writes in the folder: harmless, and removed by cleanup."""
+        try:
+            present = self.storage.list_files(info.name)
+        except StorageError:
+            return []
+        return [f"{rel}: left by an interrupted sidecar rewrite (cleanup removes it)" for rel in sorted(present)
+                if rel.startswith(SIDECAR + TMP_INFIX)]
+
     def problems(self, info: CheckpointInfo) -> builtins.list[str]:
         """Every missing, truncated, altered or unlisted file of checkpoint ``info``."""
         problems = []
@@ -205,8 +222,8 @@ class Reader:
             present = self.storage.list_files(info.name)
         except StorageError as exc:
             return [*problems, f"cannot list the folder: {exc}"]
-        problems += [f"{rel}: not listed in the sidecar" for rel in sorted(present)
-                     if rel not in listed and not is_library_temp(rel)]
+        problems += [f"{rel}: not listed in the sidecar" for rel in sorted(set(present) - listed)
+                     if not is_library_temp(rel)]
         return problems
 
     def download(self, info: CheckpointInfo, dest: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
