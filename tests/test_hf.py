@@ -28,7 +28,14 @@ from transformers import (
 )
 from transformers import __version__ as transformers_version
 
-from ckpt_callback import CheckpointCallback, CheckpointManager, CheckpointWarning, InvalidArgumentError, StorageError
+from ckpt_callback import (
+    CheckpointCallback,
+    CheckpointManager,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    StorageError,
+)
 from conftest import make_root, run_python
 
 TEXT = [
@@ -304,3 +311,39 @@ def test_save_strategy_best_is_refused_with_a_clear_message(tmp_path: Path):
     with pytest.raises(InvalidArgumentError, match="save_strategy='best'"):
         tiny_trainer(str(tmp_path / "out"), [CheckpointCallback(str(tmp_path / "ckpts"))], save_strategy="best",
                      metric_for_best_model="loss")
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_resume_refuses_weights_that_fail_their_sha256(tmp_path: Path, backend: str):
+    import fsspec
+
+    root = str(tmp_path / "ckpts") if backend == "local" else f"memory://hf-resume-{tmp_path.name}"
+    callback = CheckpointCallback(root)
+    trainer = tiny_trainer(str(tmp_path / "out"), [callback], max_steps=2, eval_strategy="no", save_strategy="no")
+    with pytest.warns(CheckpointWarning):
+        trainer.train()
+    fs, path = fsspec.core.url_to_fs(root)
+    weights = f"{path}/checkpoint-2/model.safetensors"
+    data = bytearray(fs.cat_file(weights))
+    data[-1] ^= 0xFF  # one flipped bit: the Trainer would load it without a word
+    fs.pipe_file(weights, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors"):
+        CheckpointCallback(root).resume_from()
+
+
+def test_trainer_state_is_strict_json_even_with_a_nan_loss(tmp_path: Path):
+    class NanLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            state.log_history.append({"step": state.global_step, "loss": float("nan"), "grad_norm": float("inf")})
+
+    callback = CheckpointCallback(str(tmp_path / "ckpts"))
+    trainer = tiny_trainer(str(tmp_path / "out"), [NanLoss(), callback], max_steps=2, eval_strategy="no",
+                           save_strategy="no", logging_steps=1)
+    with pytest.warns(CheckpointWarning):
+        trainer.train()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in trainer_state.json")
+
+    text = (tmp_path / "ckpts" / "checkpoint-2" / "trainer_state.json").read_text()
+    assert any(e.get("loss") is None for e in json.loads(text, parse_constant=refuse)["log_history"])
