@@ -13,6 +13,7 @@ its size: a checkpoint whose files are gone is never listed.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ logger = logging.getLogger("ckpt_callback")
 # How stale the view may be when a save re-tags and prunes (other processes' checkpoints show up
 # within this time); `list`, `get` and friends always refresh.
 REFRESH_SECONDS = 30.0
+_READERS = 16  # concurrent sidecar reads on object stores
 
 _SORT_ALIASES = {
     "createdAt": "created_at", "created_at": "created_at", "created": "created_at",
@@ -129,14 +131,19 @@ class Catalog:
         with self._lock:
             old = dict(self._view)
         view: dict[str, tuple[Any, CheckpointInfo]] = {}
+        unseen = []
         for folder, stamp in stamps.items():
             cached = old.get(folder)
             if cached is not None and cached[0] == stamp:
                 view[folder] = cached
-                continue
-            info = self._read(folder, stamp)
-            if info is not None:
-                view[folder] = (stamp, info)
+            else:
+                unseen.append(folder)
+        # Object stores: the new or changed sidecars are fetched concurrently (one GET each).
+        workers = 1 if self.storage.is_local or len(unseen) < 2 else _READERS
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-catalog") as pool:
+            for folder, info in zip(unseen, pool.map(lambda f: self._read(f, stamps[f]), unseen), strict=True):
+                if info is not None:
+                    view[folder] = (stamps[folder], info)
         damaged = {}
         if present is not None:  # object stores: never list a checkpoint whose files are gone
             for folder, (_, info) in builtins.list(view.items()):
