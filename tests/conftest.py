@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -95,3 +100,240 @@ def run_python(code: str, *args: str, timeout: float = 300, check: bool = True) 
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# --- Fault-injection trials (test_crash, test_concurrency, test_disk_full) -------------------------
+#
+# A trial runs a short script in a real process and SIGKILLs it at a random moment. Starting a fresh
+# interpreter costs ~3 s here (importing torch), which would make a few dozen trials take minutes, so
+# by default the scripts run in processes forked from a server that imported torch and ckpt_callback
+# once (what multiprocessing's forkserver does). Each child is a separate process with its own
+# stdout/stderr files and environment; it is killed with a real SIGKILL. CKPT_TRIAL_SPAWN=exec runs
+# every script in a fresh `python -c` instead (slower; same results).
+
+_FORK_SERVER = r"""
+import ctypes, json, os, signal, sys, traceback
+
+_libc = ctypes.CDLL(None)
+_libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: go away with the test process
+import torch, fsspec, ckpt_callback  # noqa: E401,F401  imported once, inherited by every child
+try:
+    import s3fs  # noqa: F401
+except ImportError:
+    pass
+torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo: ~2 s
+
+children = set()
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "spawn":
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                _libc.prctl(1, signal.SIGKILL)
+                for fd, path in ((1, cmd["stdout"]), (2, cmd["stderr"])):
+                    out = os.open(path, os.O_WRONLY | os.O_APPEND)  # created by the test
+                    os.dup2(out, fd)
+                    os.close(out)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+                os.environ.clear()
+                os.environ.update(cmd["env"])
+                os.chdir(cmd["cwd"])
+                sys.argv = ["-c", *cmd["args"]]
+                exec(compile(cmd["code"], "<trial script>", "exec"), {"__name__": "__main__"})
+                status = 0
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(status)
+        children.add(pid)
+        reply = {"pid": pid}
+    else:  # "poll" (no waiting) or "wait"
+        pid = cmd["pid"]
+        done, status = os.waitpid(pid, os.WNOHANG if cmd["op"] == "poll" else 0)
+        reply = {"code": os.waitstatus_to_exitcode(status) if done else None}
+        if done:
+            children.discard(pid)
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+for pid in children:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+"""
+
+
+class TrialProcess:
+    """A script running in its own process: its pid, its output files, kill and wait."""
+
+    def __init__(self, spawner: TrialSpawner, pid: int, stdout: Path, stderr: Path,
+                 popen: subprocess.Popen[bytes] | None) -> None:
+        self.spawner, self.pid, self.stdout_path, self.stderr_path, self._popen = spawner, pid, stdout, stderr, popen
+        self.returncode: int | None = None
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def lines(self) -> list[str]:
+        return self.stdout().splitlines()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._popen.poll() if self._popen else self.spawner._ask("poll", self.pid)
+        return self.returncode
+
+    def kill(self) -> bool:
+        """SIGKILL; True if the process was still running."""
+        if self.poll() is not None:
+            return False
+        os.kill(self.pid, signal.SIGKILL)
+        return True
+
+    def wait(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                self.returncode = self._popen.wait() if self._popen else self.spawner._ask("wait", self.pid)
+                raise AssertionError(f"process {self.pid} still running after {timeout:.0f} s; killed.\n"
+                                     f"{self.stdout()[-2000:]}\n{self.stderr()[-4000:]}")
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def wait_for(self, prefix: str, timeout: float = 120) -> str:
+        """The first stdout line starting with ``prefix``; fails if the process ends or hangs first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines():
+                if line.startswith(prefix):
+                    return line
+            if self.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {prefix!r} line from process {self.pid} (exit {self.returncode}):\n"
+                                     f"{self.stdout()[-2000:]}\n{self.stderr()[-4000:]}")
+            time.sleep(0.01)
+
+    def describe(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout()[-3000:]}\n--- stderr\n{self.stderr()[-6000:]}"
+
+
+class TrialSpawner:
+    """Starts trial scripts, by default forked from a server that has torch and ckpt_callback loaded."""
+
+    def __init__(self, workdir: Path, mode: str) -> None:
+        self.workdir, self.mode, self._count = workdir, mode, 0
+        self._server: subprocess.Popen[str] | None = None
+        if mode == "fork":
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+            self._server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=env, cwd=workdir)
+
+    def _ask(self, op: str, pid: int | None = None, **fields: Any) -> Any:
+        assert self._server is not None and self._server.stdin is not None and self._server.stdout is not None
+        self._server.stdin.write(json.dumps({"op": op, "pid": pid, **fields}) + "\n")
+        self._server.stdin.flush()
+        answer = self._server.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the trial fork server died (exit {self._server.poll()})")
+        reply = json.loads(answer)
+        return reply["pid"] if op == "spawn" else reply["code"]
+
+    def spawn(self, code: str, *args: str, env: dict[str, str] | None = None) -> TrialProcess:
+        """Run ``code`` with ``sys.argv[1:] == args`` in a new process (environment: ours, plus ``env``)."""
+        self._count += 1
+        stdout, stderr = self.workdir / f"p{self._count}.out", self.workdir / f"p{self._count}.err"
+        full_env = {**os.environ, **(env or {})}
+        stdout.write_bytes(b"")
+        stderr.write_bytes(b"")
+        if self._server is not None:
+            pid = self._ask("spawn", code=code, args=list(args), env=full_env, stdout=str(stdout),
+                            stderr=str(stderr), cwd=str(self.workdir))
+            return TrialProcess(self, pid, stdout, stderr, None)
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            popen = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err,
+                                     stdin=subprocess.DEVNULL, env=full_env, cwd=self.workdir)
+        return TrialProcess(self, popen.pid, stdout, stderr, popen)
+
+    def close(self) -> None:
+        if self._server is not None:
+            assert self._server.stdin is not None
+            self._server.stdin.close()
+            self._server.wait(timeout=60)
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def spawner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrialSpawner]:
+    """Runs trial scripts in real processes (forked from a preloaded server unless CKPT_TRIAL_SPAWN=exec)."""
+    mode = os.environ.get("CKPT_TRIAL_SPAWN", "fork")
+    if mode not in ("fork", "exec"):
+        raise ValueError(f"CKPT_TRIAL_SPAWN must be 'fork' or 'exec', got {mode!r}")
+    trials = TrialSpawner(tmp_path_factory.mktemp("trials"), mode)
+    try:
+        yield trials
+    finally:
+        trials.close()
+
+
+def root_fs(root: str, request: pytest.FixtureRequest | None = None) -> tuple[Any, str]:
+    """An uncached fsspec filesystem and path for inspecting ``root`` behind the library's back."""
+    import fsspec
+
+    options: dict[str, Any] = {}
+    if root.startswith("s3://"):
+        assert request is not None
+        options = dict(request.getfixturevalue("s3_server").storage_options)
+    elif "://" not in root:
+        root = f"file://{root}"
+    return fsspec.core.url_to_fs(root, **options)
+
+
+DATA_FILE_RE = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|optimizer\.safetensors|"
+                          r"training_state\.json)$")
+
+
+def sidecarless_folders(root: str, request: pytest.FixtureRequest | None = None) -> list[str]:
+    """Folders under ``root`` that a finished cleanup should not leave: no ``checkpoint.json`` in them.
+
+    A folder counts when it holds files but no sidecar; a hidden folder (the library's own
+    bookkeeping) only when it holds checkpoint data files. Locally an empty visible folder counts too.
+    """
+    fs, path = root_fs(root, request)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    files: dict[str, list[str]] = {}
+    for found in fs.find(path, withdirs=False):
+        rel = found[len(path.rstrip("/")) + 1:]
+        if "/" in rel:
+            folder, rest = rel.split("/", 1)
+            files.setdefault(folder, []).append(rest)
+    if "://" not in root:
+        for entry in Path(root).iterdir():
+            if entry.is_dir():
+                files.setdefault(entry.name, [])
+    bad = []
+    for folder, inside in sorted(files.items()):
+        if "checkpoint.json" in inside:
+            continue
+        if folder.startswith("."):
+            if any(DATA_FILE_RE.match(f.rsplit("/", 1)[-1]) for f in inside):
+                bad.append(f"{folder}/ (hidden, with data files: {sorted(inside)[:5]})")
+        else:
+            bad.append(f"{folder}/ ({len(inside)} files, no checkpoint.json: {sorted(inside)[:5]})")
+    return bad

@@ -1,82 +1,286 @@
-"""Real SIGKILLs in the middle of saves: whatever is listed afterwards must verify and load."""
+"""Real SIGKILLs at random moments, on a local folder and on a real S3 server.
+
+Each trial runs a writer in its own process and SIGKILLs it at a random moment. The writer prints
+``committed <name> <id> <type> <step>`` (flushed) right after a save returned its `CheckpointInfo` (for
+background saves: after ``wait()`` returned it). Then, with warnings as errors:
+
+- bad listed: listed checkpoints that fail ``verify()`` or ``load()``; must be 0.
+- lost committed: the last committed checkpoint before the kill, if no checkpoint of that name is
+  listed (a replaced name counts as present if some version of it is) and no newer one either
+  (committed after it, by a process killed before it could say so, retention may keep that one
+  instead), plus every committed manual checkpoint that is not listed; must be 0.
+- a new writer (``cleanup_incomplete()`` or a new hook's first save) leaves no folder without a
+  sidecar behind.
+
+Modes: ``sync`` and ``async`` saves (with manual ones), ``replace`` (every save rewrites the same
+step, with a fresh manager or hook each time, as a rerun or a rollback does), ``prune`` (a writer
+keeps saving while the killed process prunes and deletes in a loop), ``metrics`` (``evaluate()``
+rewrites sidecars and moves the best tag).
+
+Every other replace and prune trial aims its kill into an operation (a save, a prune, a delete)
+instead of a uniformly random moment. ``CKPT_KILL_TRIALS`` sets the trials per mode and backend
+(default 5); e.g. CKPT_KILL_TRIALS=100.
+"""
 
 from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-from ckpt_callback import CheckpointManager
+from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointNotFoundError
+from conftest import TrialProcess, TrialSpawner, make_root, sidecarless_folders
 
-TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "15"))  # more locally: CKPT_KILL_TRIALS=200
+TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "5"))
+MODES = ["sync", "async", "replace", "prune", "metrics"]
+BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
+# How long a writer runs on after its first commit before the kill, at most (S3 saves are slower).
+RUN_SECONDS = {"local": 0.6, "s3": 1.2}
+# Every other replace/prune trial aims the kill into an operation: at most this long after it starts.
+OP_SECONDS = {"replace": {"local": 0.04, "s3": 0.4}, "prune": {"local": 0.01, "s3": 0.15}}
 
-SAVER = textwrap.dedent(
+COMMON = textwrap.dedent(
     """
-    import sys, random, torch
+    import random, sys, time, warnings
+    import torch
     from torch import nn
-    from ckpt_callback import CheckpointHook
+    from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointWarning
 
-    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])  # ~2 MB of weights
-    opt = torch.optim.AdamW(model.parameters())
-    hook = CheckpointHook(sys.argv[1], model, optimizer=opt, every_n_steps=1, keep_last=2)
-    step = hook.resume()
-    print("ready", flush=True)
+    warnings.simplefilter("ignore", CheckpointWarning)  # "replacing checkpoint ...": expected here
+
+    def say(*words):
+        print(*words, flush=True)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])  # 16 tensors, ~2 MB
+
+    def guarded(call, *args, **kwargs):
+        # Training-loop calls must not raise; if one does, say so and go on.
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            say("escaped", getattr(call, "__name__", "?"), type(exc).__name__, str(exc).replace("\\n", " ")[:300])
+            return None
+
+    def committed(info):
+        if info is not None:
+            say("committed", info.name, info.id, info.type, info.step)
+
+    def train(net):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01)
+    """
+)
+
+# sync / async / metrics: a training loop with a hook saving every step, and a manual save every 5.
+LOOP = COMMON + textwrap.dedent(
+    """
+    mode, root = sys.argv[1], sys.argv[2]
+    net = model()
+    opt = torch.optim.AdamW(net.parameters())
+    hook = CheckpointHook(root, net, optimizer=opt, every_n_steps=1, keep_last=2, async_save=mode == "async")
+    say("ready")
+    step = 0
     while True:
         step += 1
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        hook.step(step, loss=random.random())
-        hook.evaluate(step, eval_loss=random.random())  # rewrites sidecars, moves the best tag
+        train(net)
+        if mode == "async":
+            committed(guarded(hook.wait))  # the previous step's background save
+        info = guarded(hook.step, step, loss=random.random())
+        if mode != "async":
+            committed(info)
+        if mode == "metrics":
+            guarded(hook.evaluate, step, eval_loss=random.random())  # rewrites the sidecar, may move best
+            if step > 1:
+                guarded(hook.evaluate, step - 1, eval_loss=random.random())
         if step % 5 == 0:
-            hook.save(name=f"manual-{step}")
+            try:
+                info = hook.save(name=f"manual-{step}")
+                if mode == "async":
+                    info = hook.wait()
+                committed(info)
+            except Exception as exc:
+                say("manual-failed", type(exc).__name__, str(exc).replace("\\n", " ")[:300])
+    """
+)
+
+# replace: the same step saved again and again, each time by a new manager or a new hook.
+REPLACE = COMMON + textwrap.dedent(
+    """
+    root = sys.argv[2]
+    net = model()
+    say("ready")
+    for i in range(1, 10**9):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(float(i))
+        if i % 2:
+            with CheckpointManager(root, keep_last=2) as manager:
+                say("op save")
+                committed(guarded(manager.save, net, step=7, train_loss=float(i)))
+        else:
+            hook = CheckpointHook(root, net, every_n_steps=1, keep_last=2)
+            say("op save")
+            committed(guarded(hook.step, 7, loss=float(i)))
+            hook.manager.close()
+    """
+)
+
+# prune: the process that is killed prunes and deletes in a loop, beside a writer (LOOP, sync).
+PRUNER = COMMON + textwrap.dedent(
+    """
+    root = sys.argv[2]
+    say("ready")
+    while True:
+        manager = CheckpointManager(root, keep_last=2)
+        say("op prune")
+        guarded(manager.prune, keep_last=1)
+        page = guarded(manager.list, sort_by="step", order="desc")
+        # Never the newest automatic one (what the writer committed last) nor a manual one.
+        names = [i.name for i in page or [] if i.name.startswith("checkpoint-")][1:]
+        if names:
+            say("op delete")
+            guarded(manager.delete, random.choice(names))
     """
 )
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_never_leaves_a_bad_listed_checkpoint(tmp_path: Path):
-    root = str(tmp_path / "run")
-    rng = random.Random(1234)
-    bad: list[str] = []
-    kills = 0
-    for trial in range(TRIALS):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, root], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
-        time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+@dataclass
+class Tally:
+    trials: int = 0
+    killed: int = 0  # killed while running (not before it started or after it ended)
+    commits: int = 0  # "committed" lines printed before the kills
+    bad: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    escaped: list[str] = field(default_factory=list)
 
-        manager = CheckpointManager(root, keep_last=2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a malformed sidecar would be a warning: count it as a failure
+
+def committed_lines(proc: TrialProcess) -> list[tuple[str, int]]:
+    """(name, step) of each ``committed <name> <id> <type> <step>`` line."""
+    return [(line.split()[1], int(line.split()[4])) for line in proc.lines() if line.startswith("committed ")]
+
+
+def check_listed(root: str, trial: int, tally: Tally, expect: list[tuple[str, int]]) -> None:
+    """What a reader sees after the crash: every listed checkpoint verifies and loads; nothing lost."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a malformed sidecar is a warning when listing: count it
+        manager = CheckpointManager(root)
+        try:
             infos = list(manager.list())
-        for result in manager.verify():
-            if not result.ok:
-                bad.append(f"trial {trial}: {result.name}: {result.problems}")
+        except CheckpointNotFoundError:
+            infos = []  # killed before anything reached storage
+        except Exception as exc:
+            tally.bad.append(f"trial {trial}: list() raised {type(exc).__name__}: {exc}")
+            infos = []
         for info in infos:
-            state = manager.load(info.name)
-            if len(state) != 16 or not all(torch.isfinite(t).all() for t in state.values()):
-                bad.append(f"trial {trial}: {info.name} loaded wrong")
-    print(f"\n{TRIALS} SIGKILL trials ({kills} killed mid-run), bad listed checkpoints: {len(bad)}")
-    assert bad == []
-    # Leftovers of killed saves are invisible, and a new writer cleans them up.
-    manager = CheckpointManager(root, keep_last=2)
-    manager.cleanup_incomplete()
-    leftovers = [p.name for p in Path(root).iterdir() if not (p / "checkpoint.json").exists()]
-    assert leftovers == []
+            try:
+                problems = manager.verify(info.name)[0].problems
+            except Exception as exc:
+                problems = [f"verify raised {type(exc).__name__}: {exc}"]
+            if problems:
+                tally.bad.append(f"trial {trial}: {info.name} ({info.type}) does not verify: {problems}")
+                continue
+            try:
+                state = manager.load(info.name)
+                if len(state) != 16 or not all(torch.isfinite(t).all() for t in state.values()):
+                    tally.bad.append(f"trial {trial}: {info.name} loads wrong: {sorted(state)}")
+            except Exception as exc:
+                tally.bad.append(f"trial {trial}: {info.name} does not load: {type(exc).__name__}: {exc}")
+    listed = {i.name for i in infos}
+    # The last committed checkpoint may be gone only if retention or the pruner had a newer one to
+    # keep instead (committed after it, killed before it was printed); manual ones never go.
+    newest = max((i.step for i in infos if not i.name.startswith("manual-")), default=-1)
+    must = {name for name, step in expect[-1:] if step >= newest}
+    must |= {name for name, _ in expect if name.startswith("manual-")}
+    for name in sorted(must - listed):
+        tally.lost.append(f"trial {trial}: committed {name} is not listed (listed: {sorted(listed)})")
+
+
+def new_writer_cleans_up(root: str, trial: int, tally: Tally, request: pytest.FixtureRequest) -> None:
+    if trial % 2:
+        CheckpointManager(root).cleanup_incomplete()
+    else:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+        hook = CheckpointHook(root, net, every_n_steps=1, keep_last=2)
+        hook.step(1_000_000 + trial, loss=1.0)
+        hook.manager.close()
+    tally.leftovers += [f"trial {trial}: {folder}" for folder in sidecarless_folders(root, request)]
+
+
+def start_of_next_op(proc: TrialProcess) -> None:
+    """Return as soon as ``proc`` says it starts another operation (an ``op ...`` line)."""
+    seen = proc.stdout().count("\nop ")
+    deadline = time.monotonic() + 30
+    while proc.stdout().count("\nop ") <= seen and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.0005)
+
+
+def run_trial(mode: str, backend: str, trial: int, rng: random.Random, spawner: TrialSpawner,
+              tmp_path: Path, request: pytest.FixtureRequest, tally: Tally) -> None:
+    root = make_root(backend, tmp_path / f"{mode}-{trial}", request)
+    pause = rng.uniform(0.0, RUN_SECONDS[backend])
+    if mode == "prune":
+        writer = spawner.spawn(LOOP, "sync", root)
+        writer.wait_for("ready")
+        writer.wait_for("committed", timeout=60)  # something to prune
+        killed = spawner.spawn(PRUNER, "prune", root)
+        killed.wait_for("ready")
+        time.sleep(pause)
+        if trial % 2:
+            start_of_next_op(killed)
+            time.sleep(rng.uniform(0.0, OP_SECONDS[mode][backend]))
+        tally.killed += killed.kill()
+        time.sleep(rng.uniform(0.0, 0.2))
+        writer.kill()
+        procs = [killed, writer]
+    else:
+        writer = spawner.spawn(REPLACE if mode == "replace" else LOOP, mode, root)
+        writer.wait_for("ready")
+        if trial % 3:  # else the kill may also land in the first save, on an empty root
+            writer.wait_for("committed", timeout=60)
+        time.sleep(pause)
+        if mode in OP_SECONDS and trial % 2:
+            start_of_next_op(writer)
+            time.sleep(rng.uniform(0.0, OP_SECONDS[mode][backend]))
+        tally.killed += writer.kill()
+        procs = [writer]
+    for proc in procs:
+        code = proc.wait()
+        assert code == -9, f"the {mode} process died by itself (a test bug or a crash): {proc.describe()}"
+    tally.escaped += [f"trial {trial}: {line}" for line in writer.lines() if line.startswith("escaped ")]
+    tally.commits += len(committed_lines(writer))
+    check_listed(root, trial, tally, committed_lines(writer))
+    new_writer_cleans_up(root, trial, tally, request)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_loses_nothing_committed_and_lists_nothing_bad(mode: str, backend: str, spawner: TrialSpawner,
+                                                               tmp_path: Path, request: pytest.FixtureRequest):
+    rng = random.Random(f"{mode}-{backend}")
+    tally = Tally()
+    for trial in range(TRIALS):
+        tally.trials += 1
+        run_trial(mode, backend, trial, rng, spawner, tmp_path, request, tally)
+    print(f"\nSIGKILL {mode}/{backend}: {tally.trials} trials ({tally.killed} killed mid-run, "
+          f"{tally.commits} commits before the kills), "
+          f"bad listed {len(tally.bad)}, lost committed {len(tally.lost)}, "
+          f"sidecar-less folders after a new writer {len(tally.leftovers)}, "
+          f"exceptions escaped from training-loop calls {len(tally.escaped)}")
+    for line in (tally.bad + tally.lost + tally.leftovers + tally.escaped)[:40]:
+        print("  ", line)
+    assert tally.bad == [], "listed checkpoints that do not verify or load"
+    assert tally.lost == [], "committed checkpoints lost"
+    assert tally.leftovers == [], "a new writer left folders without a sidecar"
