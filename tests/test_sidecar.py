@@ -214,6 +214,11 @@ def test_paths_that_leave_the_checkpoint_are_refused(path):
         CheckpointInfo.from_json(data)
 
 
+def test_a_path_a_caller_gave_raises_the_error_asked_for():
+    with pytest.raises(InvalidArgumentError, match="save"):
+        check_relative_path("../x", "save(files=...)", error=InvalidArgumentError)
+
+
 @pytest.mark.parametrize("path", ["model.safetensors", "tokenizer/vocab.json", "a/b/c.d", "sub/checkpoint.json",
                                   ".hidden", "x..y", "~x", "x" * 1024])
 def test_relative_paths_inside_the_checkpoint_are_kept(path):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, TypeGuard
 
-from ._errors import CorruptCheckpointError, InvalidArgumentError, InvalidNameError, SidecarError
+from ._errors import CheckpointError, CorruptCheckpointError, InvalidArgumentError, InvalidNameError, SidecarError
 
 __all__ = [
     "CHECKPOINT_TYPES",
@@ -98,20 +98,21 @@ def validate_name(name: object) -> str:
 
 
 def check_relative_path(
-    path: object, where: str, *, error: type[CorruptCheckpointError] = CorruptCheckpointError
+    path: object, where: str, *, error: type[CheckpointError] = CorruptCheckpointError
 ) -> str:
     """Return ``path`` if it names a file inside a checkpoint folder, else raise ``error``.
 
     Every path read from a sidecar, an index or a header goes through here before it is joined
     to anything: a non-empty ``/``-separated relative path, no empty, ``.`` or ``..`` component,
     no backslash, colon (drive letters, URL schemes) or control character, not the sidecar itself,
-    at most `MAX_PATH_LENGTH` characters.
+    at most `MAX_PATH_LENGTH` characters. ``error`` is `CorruptCheckpointError` for what storage
+    holds; pass `InvalidArgumentError` for a path a caller gave.
 
     Example:
         >>> check_relative_path("tokenizer/vocab.json", "checkpoint.json")
         'tokenizer/vocab.json'
     """
-    def bad(why: str) -> CorruptCheckpointError:
+    def bad(why: str) -> CheckpointError:
         return error(f"{where}: file path {path!r} {why}; the checkpoint is corrupt or was tampered with")
 
     if not isinstance(path, str) or not path:
