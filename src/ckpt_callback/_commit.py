@@ -105,6 +105,15 @@ class Lease:
         return (time.time() if now is None else now) <= self.expires + LEASE_SECONDS
 
 
+def _seconds(detail: dict[str, Any]) -> float | None:
+    """A listing entry's modification time as a unix time (local, memory and S3 spell it differently)."""
+    value = detail.get("mtime") or detail.get("LastModified") or detail.get("created")
+    if isinstance(value, int | float):
+        return float(value)
+    timestamp = getattr(value, "timestamp", None)
+    return float(timestamp()) if callable(timestamp) else None
+
+
 class _LeaseKeeper:
     """This process's live leases, rewritten with a fresh expiry by one daemon thread."""
 
@@ -116,12 +125,16 @@ class _LeaseKeeper:
     def hold(self, storage: Storage, folder: str, purpose: str, target: str) -> Lease:
         lease = Lease(writer=uuid.uuid4().hex, purpose=purpose, target=target,
                       started=_process_start(os.getpid()), expires=time.time() + LEASE_SECONDS)
-        storage.write_bytes_atomic(f"{folder}/{MARKER}", lease.encode())
-        with self.lock:
+        with self.lock:  # live before it is visible: a cleanup in this process reading it sees it alive
             self.live[lease.writer] = (storage, folder, lease)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
                 self.thread.start()
+        try:
+            storage.write_bytes_atomic(f"{folder}/{MARKER}", lease.encode())
+        except BaseException:
+            self.release(lease)
+            raise
         return lease
 
     def release(self, lease: Lease) -> None:
@@ -441,6 +454,15 @@ class CommitProtocol:
             logger.info("cleaned up %s", s.display(folder))
         return done
 
+    def _quiet(self, folder: str, files: dict[str, Any]) -> bool:
+        """Whether nothing in ``folder`` changed for two lease periods (a writer would have refreshed)."""
+        times = [_seconds(d) for d in files.values()]
+        if not files and self.storage.is_local:
+            with contextlib.suppress(OSError):
+                times = [os.stat(self.storage.path(folder)).st_mtime]
+        known = [t for t in times if t is not None]
+        return bool(known) and time.time() - max(known) > 2 * LEASE_SECONDS
+
     def _recover_staging(self, folder: str, files: dict[str, Any]) -> bool:
         s = self.storage
         lease = None
@@ -449,6 +471,8 @@ class CommitProtocol:
                 lease = Lease.decode(s.read_bytes(f"{folder}/{MARKER}"))
             if lease is not None and lease.alive():
                 return False
+        if lease is None and not self._quiet(folder, files):
+            return False  # no readable lease yet: a writer may be creating it; judged once it is quiet
         staged = None
         if SIDECAR in files:
             with contextlib.suppress(CheckpointNotFoundError, SidecarError):
