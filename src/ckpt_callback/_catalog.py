@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError
-from ._layout import SIDECAR
-from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
+from ._layout import SIDECAR, STAGING_PREFIX
+from ._sidecar import CHECKPOINT_TYPES, MAX_SIDECAR_BYTES, CheckpointInfo
 from ._storage import Storage
 
 __all__ = ["REFRESH_SECONDS", "Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning",
@@ -122,12 +122,13 @@ class Catalog:
         self._lock = threading.Lock()
         self.damaged: dict[str, CheckpointInfo] = {}  # object stores: sidecars whose files are missing
         self._refreshed = -math.inf
+        self.staged = False  # the last listing saw a committed staging folder (a replacement to roll forward)
 
     # --- the view -----------------------------------------------------------------------------
 
     def refresh(self) -> builtins.list[CheckpointInfo]:
         """Every committed checkpoint, from one listing plus the sidecars that are new or changed."""
-        stamps, present = self._stamps()
+        stamps, present, self.staged = self._stamps()
         with self._lock:
             old = dict(self._view)
         view: dict[str, tuple[Any, CheckpointInfo]] = {}
@@ -168,16 +169,19 @@ class Catalog:
             return self.refresh()
         return self.cached()
 
-    def _stamps(self) -> tuple[dict[str, Any], dict[str, dict[str, int]] | None]:
+    def _stamps(self) -> tuple[dict[str, Any], dict[str, dict[str, int]] | None, bool]:
         s = self.storage
+        staged = False
         if s.is_local:
             # Deliberate local fast path: one scandir and one stat per folder, no file listing.
             stamps: dict[str, Any] = {}
             try:
                 entries = builtins.list(os.scandir(s.path()))
             except FileNotFoundError:
-                return {}, None
+                return {}, None, False
             for entry in entries:
+                if entry.name.startswith(STAGING_PREFIX):
+                    staged = staged or os.path.exists(os.path.join(entry.path, SIDECAR))
                 if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                     continue
                 try:
@@ -185,22 +189,25 @@ class Catalog:
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 stamps[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
-            return stamps, None
+            return stamps, None, staged
         stamps = {}
         present: dict[str, dict[str, int]] = {}
         for rel, detail in s.list_files("").items():
+            if rel.startswith(STAGING_PREFIX) and rel.endswith("/" + SIDECAR):
+                staged = True
             if "/" not in rel or rel.startswith("."):
                 continue
             folder, inner = rel.split("/", 1)
             present.setdefault(folder, {})[inner] = int(detail.get("size") or 0)
             if inner == SIDECAR:
                 stamps[folder] = tuple(str(detail.get(k)) for k in ("ETag", "LastModified", "mtime", "created", "size"))
-        return stamps, present
+        return stamps, present, staged
 
     def _read(self, folder: str, stamp: Any) -> CheckpointInfo | None:
         where = self.storage.display(folder, SIDECAR)
         try:
-            info = CheckpointInfo.loads(self.storage.read_bytes(f"{folder}/{SIDECAR}"), where=where)
+            raw = self.storage.read_bytes(f"{folder}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
+            info = CheckpointInfo.loads(raw, where=where)
         except CheckpointNotFoundError:
             return None  # deleted between the listing and the read
         except SidecarError as exc:
@@ -231,7 +238,8 @@ class Catalog:
         """The committed sidecar of folder ``name`` read now, or None."""
         where = self.storage.display(name, SIDECAR)
         try:
-            info = CheckpointInfo.loads(self.storage.read_bytes(f"{name}/{SIDECAR}"), where=where)
+            raw = self.storage.read_bytes(f"{name}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
+            info = CheckpointInfo.loads(raw, where=where)
         except CheckpointNotFoundError:
             return None
         return info if info.name == name else info.replace(name=name, updated_at=info.updated_at)

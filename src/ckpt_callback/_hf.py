@@ -222,7 +222,10 @@ class CheckpointCallback(TrainerCallback):
         with tempfile.TemporaryDirectory(prefix="ckpt-hf-") as tmp:
             config = copy.deepcopy(model.config)  # set what save_pretrained sets, on a copy
             config.architectures = [type(model).__name__]
-            config.dtype = str(model.dtype).split(".")[-1]
+            # the dtype's name: `dtype` since transformers 4.56, `torch_dtype` before
+            setattr(config, "dtype" if "dtype" in vars(config) else "torch_dtype", str(model.dtype).split(".")[-1])
+            if getattr(config, "_attn_implementation_autoset", False):  # transformers 4.46-4.47 (as save_pretrained)
+                config._attn_implementation_autoset = False  # else from_pretrained keeps "eager", not the default
             config.save_pretrained(tmp)
             if model.can_generate() and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)

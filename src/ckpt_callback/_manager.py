@@ -361,6 +361,14 @@ class CheckpointManager:
 
     # --- finding ----------------------------------------------------------------------------------
 
+    def _view(self) -> builtins.list[CheckpointInfo]:
+        """Every committed checkpoint, now. A replacement whose writer died half-way (its committed
+        staging folder is in the listing) is rolled forward first, so its step is listed again."""
+        infos = self._catalog.refresh()
+        if self._catalog.staged and self.writer and self.cleanup_incomplete():
+            infos = self._catalog.refresh()
+        return infos
+
     def list(
         self,
         *,
@@ -390,7 +398,7 @@ class CheckpointManager:
             [3]
         """
         self._catalog.require_root()
-        infos = self._catalog.refresh()
+        infos = self._view()
         summary = CheckpointSummary(best=self._retention.best(infos), latest=newest(infos),
                                     total_size=sum(i.size for i in infos))
         return self._catalog.page(infos, sort_by=sort_by, order=order, limit=limit, after=after, type=type,
@@ -405,8 +413,12 @@ class CheckpointManager:
             SidecarError: its sidecar is malformed or of an unknown schema.
         """
         if name not in RESERVED_NAMES:
-            return self._catalog.get(name)
-        infos = self._catalog.refresh()
+            try:
+                return self._catalog.get(name)
+            except CheckpointNotFoundError:
+                self._view()  # an interrupted replacement of it may be rolled forward now
+                return self._catalog.get(name)
+        infos = self._view()
         if name == "latest":
             found = newest(infos)
         elif name == "best":
@@ -420,11 +432,11 @@ class CheckpointManager:
 
     def latest(self) -> CheckpointInfo | None:
         """The checkpoint with the highest step, or None."""
-        return newest(self._catalog.refresh())
+        return newest(self._view())
 
     def best(self) -> CheckpointInfo | None:
         """The checkpoint with the best ``monitor`` value, or None."""
-        return self._retention.best(self._catalog.refresh())
+        return self._retention.best(self._view())
 
     # --- deleting ---------------------------------------------------------------------------------
 
@@ -446,7 +458,7 @@ class CheckpointManager:
         if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0):
             raise InvalidArgumentError(f"keep_last must be a non-negative integer, got {keep_last!r}")
         self._catalog.require_root()
-        infos = self._catalog.refresh()
+        infos = self._view()
         if dry_run:
             return self._retention.doomed(infos, keep_last)
         with self._retention.lock:
@@ -548,7 +560,7 @@ class CheckpointManager:
         """
         if name is None:
             self._catalog.require_root()
-            listed = self._catalog.refresh()  # and those not listed because files are missing
+            listed = self._view()  # and those not listed because files are missing
             infos = sorted([*listed, *self._catalog.damaged.values()], key=lambda i: (i.step, i.name))
         else:
             infos = [self.get(name)]

@@ -29,7 +29,7 @@ from ._layout import (
     is_library_temp,
     is_model_weights,
 )
-from ._serialization import aliases_from_metadata, parse_index, read_safetensors
+from ._serialization import add_aliases, aliases_from_metadata, parse_index, read_safetensors
 from ._sidecar import CheckpointInfo, FileEntry
 from ._storage import Storage
 from ._training import TrainingState, TrainingStateValues, unwrap_model
@@ -147,10 +147,7 @@ class Reader:
             tensors, metadata = self.read_tensors(info, filename, verify=verify, into=into)
             state.update(tensors)
             aliases.update(aliases_from_metadata(metadata))
-        for alias, target in aliases.items():
-            if target not in state:
-                raise CorruptCheckpointError(f"checkpoint {info.name!r}: {alias!r} is tied to {target!r}, not stored")
-            state[alias] = state[target]
+        add_aliases(state, aliases, where=self.storage.display(info.name))
         return state
 
     def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:

@@ -133,8 +133,12 @@ class Storage:
     def exists(self, rel: str = "") -> bool:
         return self._call("checking", rel, lambda: self.fs.exists(self.path(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
+    def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
+        """The bytes of ``rel``; with ``limit``, at most ``limit + 1`` of them are read (a caller
+        seeing more than ``limit`` knows the file is too large without holding all of it)."""
+        if limit is None:
+            return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
+        return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel), start=0, end=limit + 1))
 
     @contextlib.contextmanager
     def open_read(self, rel: str) -> Iterator[IO[bytes]]:

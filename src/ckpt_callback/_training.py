@@ -80,7 +80,7 @@ class TrainingState:
             raise CorruptCheckpointError(f"{where} is not valid JSON: {exc}") from exc
         if not isinstance(parsed, dict) or "state" not in parsed:
             raise CorruptCheckpointError(f"{where} is not a training state document")
-        values = unflatten_state(parsed["state"], tensors)
+        values = unflatten_state(parsed["state"], tensors, where=where)
         if not isinstance(values, dict):
             raise CorruptCheckpointError(f"{where} holds no training state object")
         return TrainingStateValues(values)
