@@ -43,6 +43,19 @@ logger = logging.getLogger("ckpt_callback")
 
 LEASE_SECONDS = 60.0  # a lease is refreshed every quarter of this; expired one more period later, it is dead
 _HOST = socket.gethostname()
+
+
+def _pid_space() -> str:
+    """This boot and pid namespace: where a pid names one process (containers share host names)."""
+    parts = []
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return ":".join(parts)
+
+
+_PID_SPACE = _pid_space()
 T = TypeVar("T")
 
 
@@ -73,6 +86,7 @@ class Lease:
     purpose: str  # "write", "replace" or "delete"
     target: str
     host: str = _HOST
+    space: str = _PID_SPACE
     pid: int = field(default_factory=os.getpid)
     started: str | None = None
     expires: float = 0.0
@@ -85,7 +99,8 @@ class Lease:
         try:
             raw = json.loads(data)
             return cls(writer=str(raw["writer"]), purpose=str(raw["purpose"]), target=str(raw["target"]),
-                       host=str(raw["host"]), pid=int(raw["pid"]), started=raw.get("started"),
+                       host=str(raw["host"]), space=str(raw.get("space", "")), pid=int(raw["pid"]),
+                       started=raw.get("started"),
                        expires=float(raw["expires"]))
         except (ValueError, KeyError, TypeError, RecursionError):
             return None  # an unreadable lease proves nothing about a live writer: treated as expired
@@ -94,7 +109,7 @@ class Lease:
         """Whether the holder may still be at work (False only when it provably is not)."""
         if self.writer in _LEASES.live:
             return True
-        if self.host == _HOST:
+        if self.host == _HOST and self.space == _PID_SPACE:  # its pid can be checked here
             if self.pid == os.getpid():
                 return False  # this process holds no such lease any more: a transaction it abandoned
             if not _pid_alive(self.pid):
