@@ -95,7 +95,7 @@ def test_failed_scheduled_save_is_logged_and_training_goes_on(tmp_path, tiny_net
     (tmp_path / "run").rename(tmp_path / "gone")
     (tmp_path / "run").write_text("now a file")  # the root can no longer hold folders
     assert hook.step(1, loss=0.5) is None
-    assert "checkpoint at step 1 was not saved" in caplog.text
+    assert "checkpoint checkpoint-1 (step 1) was not saved" in caplog.text
     with pytest.raises(StorageError):
         hook.end()  # the final one must not fail silently
 

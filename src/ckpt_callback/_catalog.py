@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError
+from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError, StorageError
 from ._layout import SIDECAR, STAGING_PREFIX
 from ._sidecar import CHECKPOINT_TYPES, MAX_SIDECAR_BYTES, CheckpointInfo
 from ._storage import Storage
@@ -177,8 +177,10 @@ class Catalog:
             stamps: dict[str, Any] = {}
             try:
                 entries = builtins.list(os.scandir(s.path()))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return {}, None, False
+            except OSError as exc:
+                raise StorageError(f"cannot list {s.display()}: {exc}") from exc
             for entry in entries:
                 if entry.name.startswith(STAGING_PREFIX):
                     staged = staged or os.path.exists(os.path.join(entry.path, SIDECAR))

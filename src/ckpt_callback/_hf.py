@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from ._distributed import barrier
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
-from ._layout import TRAINER_STATE_FILE
+from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
 from ._training import TrainingStateValues, restore_rng, unwrap_model
@@ -153,7 +153,7 @@ class CheckpointCallback(TrainerCallback):
             try:
                 self.manager.update_metrics(step, eval_loss=metrics.get("eval_loss"), metrics=metrics)
             except CheckpointError as exc:  # storage trouble must not stop training
-                logger.error("the evaluation at step %d was not recorded in its checkpoint: %s", step, exc)
+                logger.error("the evaluation at step %d was not recorded in %s: %s", step, default_name(step), exc)
             barrier()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -179,7 +179,8 @@ class CheckpointCallback(TrainerCallback):
         try:
             self._save(args, state, control, kwargs, "automatic")
         except CheckpointError as exc:  # a scheduled save may fail, whatever the storage did; training goes on
-            logger.error("scheduled checkpoint at step %d was not saved: %s", state.global_step, exc)
+            logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(state.global_step),
+                         state.global_step, exc)
 
     def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str) -> CheckpointInfo | None:
         step, info = state.global_step, None

@@ -10,6 +10,7 @@ import torch
 
 from ._distributed import barrier
 from ._errors import CheckpointError
+from ._layout import default_name
 from ._manager import CheckpointManager
 from ._sidecar import CheckpointInfo, clean_metrics, clean_number
 from ._trigger import SaveTrigger
@@ -102,7 +103,7 @@ class CheckpointHook:
         try:
             return self._save("automatic")
         except CheckpointError as exc:
-            logger.error("scheduled checkpoint at step %d was not saved: %s", step, exc)
+            logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(step), step, exc)
             return None
 
     def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
@@ -117,7 +118,7 @@ class CheckpointHook:
         try:
             updated = self.manager.update_metrics(step, eval_loss=eval_loss, metrics=metrics)
         except CheckpointError as exc:
-            logger.error("the evaluation at step %d was not recorded in its checkpoint: %s", step, exc)
+            logger.error("the evaluation at step %d was not recorded in %s: %s", step, default_name(step), exc)
             return
         saved = self.trigger.last_step
         if updated is None and (saved is None or step > saved):
