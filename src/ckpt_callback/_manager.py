@@ -122,13 +122,11 @@ class CheckpointManager:
         self._retention = Retention(self._commit, self._catalog, keep_last=keep_last, keep_best=keep_best,
                                     monitor=monitor, mode=mode)
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
-                              on_commit=self._after_commit)
+                              on_commit=self._retention.after_commit)
         self._check_writable = storage.check_writable
         self.async_save = bool(async_save)
         self.writer = is_writer() if writer is None else bool(writer)
         self.run_id = uuid.uuid4().hex
-        self.resumed_from: str | None = None
-        self._own: dict[str, str] = {}  # name -> id of the checkpoints this manager committed
         self._recovered = False
         self._warned_monitor = False
 
@@ -246,12 +244,12 @@ class CheckpointManager:
             self.cleanup_incomplete()
         existing = self._catalog.read(name)
         if existing is not None:
-            ours = self._own.get(name) == existing.id or name == self.resumed_from
             if explicit:
                 raise CheckpointExistsError(
                     f"checkpoint {name!r} already exists in {self.root}; choose another name or delete it first")
-            if type != "automatic" and ours:
-                return self._promote(existing, info)
+            if type != "automatic" and self._retention.is_ours(existing):
+                self._writer.settle_previous()
+                return self._retention.promote(existing, info)
             warnings.warn(f"replacing checkpoint {name!r} in {self.root}, left by an earlier run",
                           CheckpointWarning, stacklevel=2)
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state,
@@ -262,37 +260,6 @@ class CheckpointManager:
             return self._writer.run(job)
         self._writer.submit(job)
         return info
-
-    def _promote(self, existing: CheckpointInfo, new: CheckpointInfo) -> CheckpointInfo:
-        """Re-tag the checkpoint already saved at this step (e.g. the last automatic one becomes final)."""
-        self._writer.settle_previous()
-        merged = existing.replace(
-            type=new.type, description=new.description or existing.description,
-            epoch=new.epoch if new.epoch is not None else existing.epoch,
-            train_loss=new.train_loss if new.train_loss is not None else existing.train_loss,
-            eval_loss=new.eval_loss if new.eval_loss is not None else existing.eval_loss,
-            metrics={**existing.metrics, **new.metrics},
-        )
-        return self._rewrite(merged) or merged
-
-    def _after_commit(self, info: CheckpointInfo) -> CheckpointInfo:
-        """A save committed ``info``: note it, then re-tag and prune from one refreshed view."""
-        self._own[info.name] = info.id
-        self._catalog.note(info)
-        infos = self._catalog.recent()
-        if not any(i.name == info.name for i in infos):
-            infos.append(info)  # a listing may lag behind the commit on some stores
-        settled = self._retention.settle(infos)
-        return next((i for i in settled if i.name == info.name), info)
-
-    def _rewrite(self, info: CheckpointInfo) -> CheckpointInfo | None:
-        with self._retention.lock:
-            if not self._commit.rewrite(info):
-                return None
-            self._catalog.note(info)
-            self._own[info.name] = info.id
-            settled = self._retention.settle(self._catalog.cached())
-        return next((i for i in settled if i.name == info.name), info)
 
     def update_metrics(
         self,
@@ -321,13 +288,7 @@ class CheckpointManager:
         pending = self._writer.merge_inflight(step, merge)
         if pending is not None:
             return pending  # the background writer has not written its sidecar yet
-        with self._retention.lock:
-            names = [n for n in (*self._own, self.resumed_from) if n is not None]
-            for candidate in (self._catalog.read(n) for n in reversed(names)):
-                if candidate is not None and candidate.step == step and (
-                        self._own.get(candidate.name) == candidate.id or candidate.name == self.resumed_from):
-                    return self._rewrite(merge(candidate))
-        return None
+        return self._retention.update(step, merge)
 
     def warn_missing_monitor(self, why: str) -> None:
         """Warn (once per manager) that ``monitor`` never appears, so no checkpoint is tagged best.
@@ -351,13 +312,9 @@ class CheckpointManager:
         try:
             self._writer.close()
         finally:
-            if self._own and self.writer and not self._warned_monitor:
-                infos = self._catalog.cached()
-                if infos and self._retention.best(infos) is None:
-                    losses = {k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss))
-                              if v is not None}
-                    known = sorted({k for i in infos for k in i.metrics} | losses)
-                    self.warn_missing_monitor(f"checkpoints under {self.root} record {', '.join(known) or 'nothing'}")
+            why = self._retention.missing_monitor() if self.writer and not self._warned_monitor else None
+            if why is not None:
+                self.warn_missing_monitor(f"checkpoints under {self.root} record {why}")
 
     # --- finding ----------------------------------------------------------------------------------
 
@@ -525,10 +482,14 @@ class CheckpointManager:
         self.resumed(info)
         return info
 
+    @property
+    def resumed_from(self) -> str | None:
+        """The checkpoint training resumed from (retention keeps it), or None."""
+        return self._retention.resumed_from
+
     def resumed(self, info: CheckpointInfo) -> None:
         """Training continues from ``info``: retention keeps it and new checkpoints carry its run id."""
-        self.resumed_from = info.name
-        self._retention.protect = {info.name}
+        self._retention.resumed_from = info.name
         if info.run_id:
             self.run_id = info.run_id
 

@@ -1,4 +1,6 @@
-"""Re-tagging and pruning: carries out the pure policies of `_policy` on committed checkpoints.
+"""What happens to committed checkpoints: re-tagging, revising their sidecars, pruning.
+
+Carries out the pure policies of `_policy`.
 
 "Best" is judged by the monitor the run recorded in its sidecars unless one was given, so a
 manager opened later (or `ckpt` without ``--monitor``) agrees with the run that tagged it.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._catalog import Catalog
 from ._commit import CommitProtocol
@@ -35,7 +37,8 @@ class Retention:
         # Validates the options now (the monitor may still be resolved from the sidecars later).
         self.defaults = RetentionPolicy(keep_last=keep_last, keep_best=keep_best,
                                         monitor=monitor or DEFAULT_MONITOR[0], mode=mode or DEFAULT_MONITOR[1])
-        self.protect: set[str] = set()
+        self.resumed_from: str | None = None  # kept whatever the policy says
+        self.own: dict[str, str] = {}  # name -> id of the checkpoints this process committed
         self.lock = threading.RLock()  # sidecar read-modify-writes of this process, one at a time
 
     def monitor(self, infos: Sequence[CheckpointInfo] = ()) -> tuple[str, str]:
@@ -54,6 +57,61 @@ class Retention:
 
     def best(self, infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
         return self.policy(infos).best(infos)
+
+    # --- after a commit, and revisions of committed sidecars ------------------------------------
+
+    def is_ours(self, info: CheckpointInfo) -> bool:
+        """Whether this run saved ``info`` (or resumed from it): only those are revised."""
+        return self.own.get(info.name) == info.id or info.name == self.resumed_from
+
+    def after_commit(self, info: CheckpointInfo) -> CheckpointInfo:
+        """A save committed ``info``: note it, then re-tag and prune from the catalog's view."""
+        self.own[info.name] = info.id
+        self.catalog.note(info)
+        infos = self.catalog.recent()
+        if not any(i.name == info.name for i in infos):
+            infos.append(info)  # a listing may lag behind the commit on some stores
+        settled = self.settle(infos)
+        return next((i for i in settled if i.name == info.name), info)
+
+    def revise(self, info: CheckpointInfo) -> CheckpointInfo | None:
+        """Rewrite committed ``info``'s sidecar, then re-tag and prune; None if it is gone."""
+        with self.lock:
+            if not self.commit.rewrite(info):
+                return None
+            self.catalog.note(info)
+            self.own[info.name] = info.id
+            settled = self.settle(self.catalog.cached())
+        return next((i for i in settled if i.name == info.name), info)
+
+    def promote(self, existing: CheckpointInfo, new: CheckpointInfo) -> CheckpointInfo:
+        """Re-tag the checkpoint already saved at this step (e.g. the last automatic one becomes final)."""
+        merged = existing.replace(
+            type=new.type, description=new.description or existing.description,
+            epoch=new.epoch if new.epoch is not None else existing.epoch,
+            train_loss=new.train_loss if new.train_loss is not None else existing.train_loss,
+            eval_loss=new.eval_loss if new.eval_loss is not None else existing.eval_loss,
+            metrics={**existing.metrics, **new.metrics},
+        )
+        return self.revise(merged) or merged
+
+    def update(self, step: int, merge: Callable[[CheckpointInfo], CheckpointInfo]) -> CheckpointInfo | None:
+        """Apply ``merge`` to this run's committed checkpoint of ``step`` (newest first); None if there is none."""
+        with self.lock:
+            names = [n for n in (*self.own, self.resumed_from) if n is not None]
+            for candidate in (self.catalog.read(n) for n in reversed(names)):
+                if candidate is not None and candidate.step == step and self.is_ours(candidate):
+                    return self.revise(merge(candidate))
+        return None
+
+    def missing_monitor(self) -> str | None:
+        """What this run's checkpoints record, when none carries the monitored value; else None."""
+        infos = self.catalog.cached() if self.own else []
+        if not infos or self.best(infos) is not None:
+            return None
+        losses = {k for i in infos for k, v in (("evalLoss", i.eval_loss), ("trainLoss", i.train_loss))
+                  if v is not None}
+        return ", ".join(sorted({k for i in infos for k in i.metrics} | losses)) or "nothing"
 
     def settle(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
         """Re-tag best and prune, now that something was committed; returns what remains."""
@@ -79,7 +137,8 @@ class Retention:
         return out
 
     def doomed(self, infos: Sequence[CheckpointInfo], keep_last: int | None = None) -> list[CheckpointInfo]:
-        return self.policy(infos).to_delete(infos, protect=self.protect, keep_last=keep_last)
+        protect = [self.resumed_from] if self.resumed_from else []
+        return self.policy(infos).to_delete(infos, protect=protect, keep_last=keep_last)
 
     def prune(self, infos: Sequence[CheckpointInfo], keep_last: int | None = None) -> list[CheckpointInfo]:
         """Delete what the policy drops; a delete that fails is logged and left for the next time."""
