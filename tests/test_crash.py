@@ -8,7 +8,9 @@ background saves: after ``wait()`` returned it). Then, with warnings as errors:
 - lost committed: the last committed checkpoint before the kill, if no checkpoint of that name is
   listed (a replaced name counts as present if some version of it is) and no newer one either
   (committed after it, by a process killed before it could say so, retention may keep that one
-  instead), plus every committed manual checkpoint that is not listed; must be 0.
+  instead), plus every committed manual checkpoint that is not listed; must be 0. This is what a
+  reader sees before any writer ran its recovery (``ckpt list``, a resume, a dashboard); the
+  summary also says how many of them a new writer brings back.
 - a new writer (``cleanup_incomplete()`` or a new hook's first save) leaves no folder without a
   sidecar behind.
 
@@ -162,6 +164,7 @@ class Tally:
     bad: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    still_lost: list[str] = field(default_factory=list)  # lost, and not brought back by a new writer either
     escaped: list[str] = field(default_factory=list)
 
 
@@ -170,8 +173,11 @@ def committed_lines(proc: TrialProcess) -> list[tuple[str, int]]:
     return [(line.split()[1], int(line.split()[4])) for line in proc.lines() if line.startswith("committed ")]
 
 
-def check_listed(root: str, trial: int, tally: Tally, expect: list[tuple[str, int]]) -> None:
-    """What a reader sees after the crash: every listed checkpoint verifies and loads; nothing lost."""
+def check_listed(root: str, trial: int, tally: Tally, expect: list[tuple[str, int]]) -> dict[str, int]:
+    """What a reader sees after the crash: every listed checkpoint verifies and loads; nothing lost.
+
+    Returns the lost ones: name -> step.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a malformed sidecar is a warning when listing: count it
         manager = CheckpointManager(root)
@@ -204,18 +210,29 @@ def check_listed(root: str, trial: int, tally: Tally, expect: list[tuple[str, in
     must |= {name for name, _ in expect if name.startswith("manual-")}
     for name in sorted(must - listed):
         tally.lost.append(f"trial {trial}: committed {name} is not listed (listed: {sorted(listed)})")
+    return {name: step for name, step in expect if name in must - listed}
 
 
-def new_writer_cleans_up(root: str, trial: int, tally: Tally, request: pytest.FixtureRequest) -> None:
+def new_writer_cleans_up(root: str, trial: int, tally: Tally, request: pytest.FixtureRequest,
+                         lost: dict[str, int]) -> None:
+    """A new writer's cleanup leaves no sidecar-less folder (and, for the record, brings back what it can)."""
     if trial % 2:
         CheckpointManager(root).cleanup_incomplete()
     else:
         torch.manual_seed(0)
         net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
         hook = CheckpointHook(root, net, every_n_steps=1, keep_last=2)
+        resumed = hook.resume()  # what a rerun would continue from
+        if lost and resumed < max(lost.values()):
+            tally.still_lost.append(f"trial {trial}: a new hook's resume() returned step {resumed}, "
+                                    f"not the lost {sorted(lost)}")
         hook.step(1_000_000 + trial, loss=1.0)
         hook.manager.close()
     tally.leftovers += [f"trial {trial}: {folder}" for folder in sidecarless_folders(root, request)]
+    if lost:
+        listed = {i.name for i in CheckpointManager(root).list()}
+        tally.still_lost += [f"trial {trial}: {name} still not listed after a new writer"
+                             for name in sorted(set(lost) - listed)]
 
 
 def start_of_next_op(proc: TrialProcess) -> None:
@@ -260,8 +277,8 @@ def run_trial(mode: str, backend: str, trial: int, rng: random.Random, spawner: 
         assert code == -9, f"the {mode} process died by itself (a test bug or a crash): {proc.describe()}"
     tally.escaped += [f"trial {trial}: {line}" for line in writer.lines() if line.startswith("escaped ")]
     tally.commits += len(committed_lines(writer))
-    check_listed(root, trial, tally, committed_lines(writer))
-    new_writer_cleans_up(root, trial, tally, request)
+    lost = check_listed(root, trial, tally, committed_lines(writer))
+    new_writer_cleans_up(root, trial, tally, request, lost)
 
 
 @pytest.mark.slow
@@ -276,10 +293,11 @@ def test_sigkill_loses_nothing_committed_and_lists_nothing_bad(mode: str, backen
         run_trial(mode, backend, trial, rng, spawner, tmp_path, request, tally)
     print(f"\nSIGKILL {mode}/{backend}: {tally.trials} trials ({tally.killed} killed mid-run, "
           f"{tally.commits} commits before the kills), "
-          f"bad listed {len(tally.bad)}, lost committed {len(tally.lost)}, "
+          f"bad listed {len(tally.bad)}, lost committed {len(tally.lost)} "
+          f"(still lost after a new writer, or not resumed from: {len(tally.still_lost)}), "
           f"sidecar-less folders after a new writer {len(tally.leftovers)}, "
           f"exceptions escaped from training-loop calls {len(tally.escaped)}")
-    for line in (tally.bad + tally.lost + tally.leftovers + tally.escaped)[:40]:
+    for line in (tally.bad + tally.lost + tally.still_lost + tally.leftovers + tally.escaped)[:40]:
         print("  ", line)
     assert tally.bad == [], "listed checkpoints that do not verify or load"
     assert tally.lost == [], "committed checkpoints lost"
