@@ -158,26 +158,52 @@ def result(proc) -> dict:
     return json.loads(line.split(" ", 1)[1])
 
 
+# Lists the root in a loop, as `ckpt list` or a dashboard would while runs write to it: must never fail.
+READER = COMMON + textwrap.dedent(
+    """
+    root, stop = sys.argv[1], sys.argv[2]
+    say("ready")
+    kept = CheckpointManager(root)
+    rounds, failed = 0, []
+    while not os.path.exists(stop):
+        rounds += 1
+        for manager in (CheckpointManager(root), kept):
+            try:
+                manager.list()
+            except Exception as exc:
+                failed.append(f"list: {type(exc).__name__}: {str(exc)[:300]}")
+        time.sleep(0.01)
+    say("result", json.dumps({"rounds": rounds, "failed": failed}))
+    """
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_training_runs_sharing_a_root(backend: str, spawner: TrialSpawner, tmp_path: Path,
                                           request: pytest.FixtureRequest):
     root = make_root(backend, tmp_path, request)
-    go = tmp_path / "go"
+    go, stop = tmp_path / "go", tmp_path / "stop"
     runs = [spawner.spawn(TRAINER, root, str(SECONDS), tag, str(go)) for tag in ("a", "b")]
     for run in runs:
         run.wait_for("ready")
+    reader = spawner.spawn(READER, root, str(stop))
+    reader.wait_for("ready")
     go.touch()  # both step through the same step numbers at the same time
     results = [result(run) for run in runs]
+    stop.touch()
+    read = result(reader)
     escaped = [e for r in results for e in r["escaped"]]
     bad = bad_listed(root)
     print(f"\ntwo writers on one {backend} root for {SECONDS:.0f} s: "
           f"{sum(r['calls'] for r in results)} training-loop calls, escaped exceptions {len(escaped)}, "
-          f"bad listed {len(bad)}, raised by manual save/end {sum(len(r['raised']) for r in results)}")
-    for line in (escaped[:10] + bad[:10] + [x for r in results for x in r["raised"]][:5]):
+          f"bad listed {len(bad)}, raised by manual save/end {sum(len(r['raised']) for r in results)}; "
+          f"a reader's list() failed {len(read['failed'])} times in {2 * read['rounds']}")
+    for line in (escaped[:10] + bad[:10] + [x for r in results for x in r["raised"]][:5] + read["failed"][:5]):
         print("  ", line)
     assert escaped == []
     assert bad == []
+    assert read["failed"] == [], "list() must not fail while other processes write the root"
 
 
 @pytest.mark.slow
