@@ -139,9 +139,16 @@ class Storage:
         if limit is None:
             return self._call("reading", rel, lambda: self.fs.cat_file(self.path(rel)))
 
-        def head() -> bytes:  # not a ranged GET: S3 refuses a range on an empty object
-            with self.fs.open(self.path(rel), "rb") as f:
-                return bytes(f.read(limit + 1))
+        def head() -> bytes:
+            # Small files (every real sidecar) in one plain GET: no ETag pinned by an earlier look
+            # (s3fs refuses a file object whose object was rewritten since: "FileExpired"), and no
+            # range (S3 refuses one on an empty object). Only a larger file is read by range.
+            path = self.path(rel)
+            self.fs.invalidate_cache(path)
+            size = self.fs.size(path)
+            if size is not None and size <= limit:
+                return bytes(self.fs.cat_file(path))
+            return bytes(self.fs.cat_file(path, start=0, end=limit + 1))
         return self._call("reading", rel, head)
 
     @contextlib.contextmanager
