@@ -248,3 +248,11 @@ def test_a_killed_sidecar_rewrite_is_reported_by_verify_and_removed_by_cleanup(t
     assert result.leftovers and "checkpoint.json.tmp-dead1234" in result.leftovers[0]
     CheckpointManager(root).cleanup_incomplete()
     assert not leftover.exists() and (tmp_path / "run" / "checkpoint-1" / "planted.bin").exists()
+
+
+def test_listing_a_missing_bucket_says_so(s3_server):
+    from ckpt_callback import CheckpointNotFoundError
+
+    with pytest.raises(CheckpointNotFoundError, match="bucket 'no-such-bucket-ckpt'"):
+        CheckpointManager("s3://no-such-bucket-ckpt/run").list()
+    assert CheckpointManager("s3://ckpt-test/never-written-prefix").list().data == []  # an empty root

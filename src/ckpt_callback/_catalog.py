@@ -247,9 +247,15 @@ class Catalog:
         return info if info.name == name else info.replace(name=name, updated_at=info.updated_at)
 
     def require_root(self) -> None:
-        """A local root must exist; on object stores an empty prefix is an empty root (they cannot differ)."""
-        if self.storage.is_local and not self.storage.exists():
-            raise CheckpointNotFoundError(f"checkpoint root {self.storage.display()} does not exist")
+        """A local root must exist; on object stores its bucket must (an empty prefix is an empty root)."""
+        s = self.storage
+        if s.is_local:
+            if not s.exists():
+                raise CheckpointNotFoundError(f"checkpoint root {s.display()} does not exist")
+            return
+        bucket = s.root.split("/", 1)[0]
+        if s.has_buckets and bucket and not s.bucket_exists(bucket):
+            raise CheckpointNotFoundError(f"bucket {bucket!r} of {s.display()} does not exist")
 
     def get(self, name: str) -> CheckpointInfo:
         """Checkpoint ``name`` (or id), read now; see `CheckpointManager.get`."""

@@ -78,6 +78,7 @@ class Storage:
         except (ImportError, ValueError) as exc:
             raise StorageError(self._scrub(f"cannot open checkpoint root {self.url!r}: {exc}")) from exc
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.has_buckets = not self.is_local and "memory" not in _protocols(self.fs)
         self.root = path.rstrip("/") if path not in ("/", "") else path
         self.retries = retries
         self.backoff = backoff
@@ -132,6 +133,9 @@ class Storage:
 
     def exists(self, rel: str = "") -> bool:
         return self._call("checking", rel, lambda: self.fs.exists(self.path(rel)))
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return self._call("checking", "", lambda: self.fs.exists(bucket))
 
     def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
         """The bytes of ``rel``; with ``limit``, at most ``limit + 1`` of them are read (a caller
@@ -201,7 +205,7 @@ class Storage:
                 self.makedirs()
             else:
                 bucket = self.root.split("/", 1)[0]
-                if bucket and not self._call("checking", "", lambda: self.fs.exists(bucket)):
+                if self.has_buckets and bucket and not self.bucket_exists(bucket):
                     raise StorageError(
                         f"bucket {bucket!r} of {self.display()} does not exist; create it first "
                         "(ckpt-callback never creates buckets)"
@@ -541,6 +545,11 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _is_transient(exc: BaseException) -> bool:
