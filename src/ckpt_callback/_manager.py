@@ -161,8 +161,8 @@ class CheckpointManager:
         if self.writer:
             try:
                 self._check_writable()
-            except StorageError as exc:
-                problem = str(exc)
+            except Exception as exc:  # whatever it is, every rank must hear of it (none waits alone)
+                problem = str(exc) if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
         problem = from_rank0(problem)
         if problem is not None:
             raise StorageError(problem)
