@@ -17,7 +17,6 @@ from __future__ import annotations
 from ._sidecar import SIDECAR_NAME
 
 __all__ = [
-    "CONFIG_FILES",
     "MARKER",
     "MODEL_INDEX",
     "MODEL_PREFIX",
@@ -39,7 +38,6 @@ MODEL_INDEX = "model.safetensors.index.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINING_STATE_FILE = "training_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"
-CONFIG_FILES = ("config.json", "generation_config.json")
 MARKER = ".ckpt-incomplete"
 STAGING_PREFIX = ".ckpt-staging-"
 TRASH_PREFIX = ".ckpt-trash-"

@@ -28,7 +28,6 @@ from ._sidecar import check_relative_path, loads_strict
 
 __all__ = [
     "MAX_HEADER_BYTES",
-    "MODEL_INDEX",
     "ModelPlan",
     "ParallelDigest",
     "TensorSlot",
@@ -43,7 +42,6 @@ __all__ = [
     "write_safetensors",
 ]
 
-MODEL_INDEX = "model.safetensors.index.json"
 ALIASES_KEY = "ckpt_callback.aliases"
 _CHUNK = 16 << 20
 _HASH_LAG_BYTES = 64 << 20  # how far hashing may fall behind the I/O (bounds memory kept alive)

@@ -182,12 +182,6 @@ class Storage:
             return out
         return self._call("listing", rel, ls)
 
-    def find_files(self, rel: str) -> list[str]:
-        """Every file below folder ``rel``, as paths relative to that folder, sorted."""
-        base = self.path(rel).rstrip("/") + "/"
-        found = self._call("listing", rel, lambda: self.fs.find(self.path(rel)))
-        return sorted(p[len(base):] for p in found if p.startswith(base))
-
     # --- writing -------------------------------------------------------------------------------
 
     def makedirs(self, rel: str = "") -> None:

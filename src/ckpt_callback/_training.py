@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ._errors import CorruptCheckpointError, InvalidArgumentError
-from ._layout import OPTIMIZER_FILE, TRAINING_STATE_FILE
+from ._layout import TRAINING_STATE_FILE
 from ._serialization import flatten_state, unflatten_state
 
 __all__ = ["TrainingState", "capture_rng", "describe_model", "model_state", "restore_rng", "unwrap_model"]
@@ -104,8 +104,6 @@ class TrainingStateValues:
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"the saved training state does not fit: {exc}") from exc
 
-
-FILES = (OPTIMIZER_FILE, TRAINING_STATE_FILE)
 
 
 def model_state(state: Any) -> dict[str, torch.Tensor]:

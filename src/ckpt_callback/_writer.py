@@ -64,10 +64,6 @@ class Writer:
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if save_threads > 1 else None
         )
 
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None and not self._pending.done()
-
     def run(self, job: SaveJob) -> CheckpointInfo:
         """Write and commit ``job`` now; raises `SaveError` (or a `CheckpointError`) if it fails."""
         self.settle_previous()
