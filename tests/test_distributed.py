@@ -37,29 +37,36 @@ TESTS = Path(__file__).parent
 
 def torchrun(script: Path, *args: str, timeout: float = 90, writes: bool = True) -> dict[int, dict[str, Any]]:
     """Run ``script`` on 2 processes; return the report each rank wrote to ``$REPORT_DIR/rank-N.json``."""
-    launch = uuid.uuid4().hex[:8]
-    reports_dir = script.parent / f"reports-{launch}"
+    returncode, output, reports = launch(script, *args, timeout=timeout)
+    assert returncode == 0, f"torchrun failed ({returncode}):\n{output[-6000:]}"
+    assert sorted(reports) == [0, 1], output[-4000:]
+    assert bool(reports[0]["saved"]) is writes and not reports[1]["saved"], reports  # one process writes
+    return reports
+
+
+def launch(script: Path, *args: str, nproc: int = 2, timeout: float = 90,
+           env: dict[str, str] | None = None) -> tuple[int, str, dict[int, dict[str, Any]]]:
+    """Run ``script`` on ``nproc`` processes; return torchrun's exit status, its output and the ranks' reports."""
+    launch_id = uuid.uuid4().hex[:8]
+    reports_dir = script.parent / f"reports-{launch_id}"
     reports_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "REPORT_DIR": str(reports_dir),
-           LAUNCH: launch}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+           LAUNCH: launch_id, **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        output = kill_launch(proc, launch)
+        output = kill_launch(proc, launch_id)
         raise AssertionError(f"torchrun did not finish in {timeout}s (a hang?):\n{output[-4000:]}") from None
     except BaseException:  # pytest-timeout, Ctrl-C: leave nothing running either
-        kill_launch(proc, launch)
+        kill_launch(proc, launch_id)
         raise
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
     reports = {int(p.stem[5:]): json.loads(p.read_text()) for p in sorted(reports_dir.glob("rank-*.json"))}
-    assert sorted(reports) == [0, 1], output[-4000:]
-    reports = {rank: reports[rank] for rank in (0, 1)}
-    assert bool(reports[0]["saved"]) is writes and not reports[1]["saved"], reports  # one process writes
-    return reports
+    return proc.returncode, output, reports
 
 
 LAUNCH = "CKPT_TEST_LAUNCH"  # in the environment of torchrun and of every process it starts

@@ -59,6 +59,29 @@ def test_monitor_and_run_id_round_trip_and_old_sidecars_read_as_none():
     assert CheckpointInfo.from_json(old).monitor is None and CheckpointInfo.from_json(old).run_id is None
 
 
+def test_sharding_round_trips_and_only_sharded_checkpoints_have_it():
+    from ckpt_callback._sidecar import Sharding
+
+    sharding = Sharding(world_size=2, meshes=((2,), (2, 2)), placements=("Replicate()", "Shard(dim=0)"))
+    info = CheckpointInfo(name="c", step=2, sharding=sharding)
+    data = json.loads(info.dumps())
+    assert data["sharding"] == {"worldSize": 2, "engine": "torch.distributed.checkpoint", "format": "hf-safetensors",
+                                "meshes": [[2], [2, 2]], "placements": ["Replicate()", "Shard(dim=0)"],
+                                "consolidated": False}
+    assert CheckpointInfo.loads(info.dumps()) == info
+    assert "sharding" not in CheckpointInfo(name="c", step=2).to_json()
+
+
+@pytest.mark.parametrize("bad", [
+    [], "2", {"worldSize": 0}, {"worldSize": True}, {"worldSize": 2, "meshes": [[0]]}, {"worldSize": 2, "meshes": [2]},
+    {"worldSize": 2, "placements": [1]}, {"worldSize": 2, "placements": ["x" * 300]},
+    {"worldSize": 2, "consolidated": "yes"}, {"worldSize": 2, "engine": None},
+])
+def test_a_malformed_sharding_is_a_sidecar_error(bad):
+    with pytest.raises(SidecarError, match="sharding"):
+        CheckpointInfo.from_json(sidecar(sharding=bad))
+
+
 def test_unknown_keys_are_ignored():
     info = CheckpointInfo.from_json(sidecar(storedSize=3, provenance={"from": ["x"]}))
     assert info.step == 1 and not hasattr(info, "storedSize")

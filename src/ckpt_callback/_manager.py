@@ -21,7 +21,7 @@ import torch
 
 from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning
 from ._commit import CommitProtocol
-from ._distributed import from_rank0, is_writer
+from ._distributed import agree, checkpoint_group, from_rank0, is_writer
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -34,6 +34,7 @@ from ._layout import default_name
 from ._policy import newest
 from ._reader import Reader
 from ._retention import Retention
+from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
     CheckpointInfo,
@@ -228,6 +229,7 @@ class CheckpointManager:
         except CorruptCheckpointError as exc:
             raise InvalidArgumentError(str(exc).split(";")[0]) from exc
         module = unwrap_model(state)
+        model = model_state(module)
         derived_name, derived_version = describe_model(module)
         monitor, mode = self.monitor
         info = CheckpointInfo(
@@ -237,25 +239,65 @@ class CheckpointManager:
             version=version if version is not None else derived_version, inference_ready=bool(inference_ready),
             monitor=Monitor(monitor, mode), run_id=self.run_id,
         )
+        rng = rng if rng is not None else optimizer is not None
+        if is_sharded(model):
+            return self._save_sharded(module, info, explicit=explicit, files=extra_files, optimizer=optimizer,
+                                      scheduler=scheduler, extra_state=extra_state, rng=rng)
         if not self.writer:
             return None
+        existing = self._existing(info, explicit)
+        if existing is not None:
+            self._writer.settle_previous()
+            return self._retention.promote(existing, info)
+        training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
+        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)
+        if not self.async_save:
+            return self._writer.run(job)
+        self._writer.submit(job)
+        return info
+
+    def _existing(self, info: CheckpointInfo, explicit: bool) -> CheckpointInfo | None:
+        """The writer's checks before a save of ``info``: the committed checkpoint of that name that
+        this save promotes (a final or manual save at a step this run already saved), else None."""
         if not self._recovered:
             self._recovered = True
             self.cleanup_incomplete()
-        existing = self._catalog.read(name)
-        if existing is not None:
-            if explicit:
-                raise CheckpointExistsError(
-                    f"checkpoint {name!r} already exists in {self.root}; choose another name or delete it first")
-            if type != "automatic" and self._retention.is_ours(existing):
-                self._writer.settle_previous()
-                return self._retention.promote(existing, info)
-            warnings.warn(f"replacing checkpoint {name!r} in {self.root}, left by an earlier run",
-                          CheckpointWarning, stacklevel=2)
-        training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state,
-                                         rng=rng if rng is not None else optimizer is not None)
-        job = SaveJob(info=info, model=model_state(module), training=training, files=extra_files,
-                      replace=not explicit)
+        existing = self._catalog.read(info.name)
+        if existing is None:
+            return None
+        if explicit:
+            raise CheckpointExistsError(
+                f"checkpoint {info.name!r} already exists in {self.root}; choose another name or delete it first")
+        if info.type != "automatic" and self._retention.is_ours(existing):
+            return existing
+        warnings.warn(f"replacing checkpoint {info.name!r} in {self.root}, left by an earlier run",
+                      CheckpointWarning, stacklevel=3)
+        return None
+
+    def _save_sharded(self, module: Any, info: CheckpointInfo, *, explicit: bool, files: dict[str, bytes],
+                      optimizer: Any, scheduler: Any, extra_state: Mapping[str, Any] | None,
+                      rng: bool) -> CheckpointInfo | None:
+        """A save of DTensor state: every rank calls it and writes its own shards (see `_sharded`)."""
+        self._writer.settle_previous()  # its collectives run on the same group: never two at once
+        group = checkpoint_group()
+        existing, error = None, None
+        if self.writer:
+            try:
+                existing = self._existing(info, explicit)
+            except BaseException as exc:
+                error = exc
+        agree(error, group=group)
+        if from_rank0(existing is not None, group=group):
+            promoted = None
+            if existing is not None:
+                try:
+                    promoted = self._retention.promote(existing, info)
+                except BaseException as exc:
+                    error = exc
+            agree(error, group=group)
+            return from_rank0(promoted, group=group)
+        state = ShardedState.capture(module, optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
+        job = SaveJob(info=info, model={}, files=files, replace=not explicit, sharded=state, group=group)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)
@@ -470,6 +512,12 @@ class CheckpointManager:
         retention keeps it, and continues its run id.
         """
         info = self.get(name)
+        if model is not None and (info.sharding is not None or is_sharded(model_state(unwrap_model(model)))):
+            self._writer.settle_previous()  # a background sharded save talks on the same group
+            self._reader.restore_sharded(info, model, optimizer=optimizer, scheduler=scheduler, rng=rng,
+                                         strict=strict, verify=verify, group=checkpoint_group())
+            self.resumed(info)
+            return info
         if model is not None:
             self._reader.restore_model(info, model, strict=strict, verify=verify)
         if optimizer is not None or scheduler is not None or rng:

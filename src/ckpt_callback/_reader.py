@@ -12,13 +12,17 @@ import builtins
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import _distributed as distributed
+from . import _sharded as sharded
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
 from ._layout import (
     MODEL_INDEX,
@@ -30,7 +34,7 @@ from ._layout import (
     is_model_weights,
 )
 from ._serialization import add_aliases, aliases_from_metadata, parse_index, read_safetensors
-from ._sidecar import CheckpointInfo, FileEntry
+from ._sidecar import CheckpointInfo, FileEntry, loads_strict
 from ._storage import Storage
 from ._training import TrainingState, TrainingStateValues, unwrap_model
 
@@ -131,6 +135,9 @@ class Reader:
     def load(self, info: CheckpointInfo, *, verify: bool = True,
              into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The model state dict of ``info``; tied names come back as one tensor under each name."""
+        if info.sharding is not None and not info.sharding.consolidated:
+            with self.dcp_folder(info, verify=verify) as folder:
+                return sharded.load_plain(os.path.join(folder, sharded.MODEL_DIR))
         if self.entry(info, MODEL_INDEX) is not None:
             filenames, aliases = parse_index(self.read_bytes(info, MODEL_INDEX, verify=verify),
                                              self._where(info, MODEL_INDEX))
@@ -184,9 +191,91 @@ class Reader:
                 f"checkpoint {info.name!r} in {self.storage.display()} has no training state")
         doc = self.read_bytes(info, TRAINING_STATE_FILE, verify=verify)
         tensors: dict[str, torch.Tensor] = {}
-        if self.entry(info, OPTIMIZER_FILE) is not None:
+        if info.sharding is not None:
+            with self.dcp_folder(info, verify=verify) as folder:
+                path = os.path.join(folder, sharded.OPTIMIZER_DIR)
+                tensors = sharded.load_plain(path) if os.path.isdir(path) else {}
+        elif self.entry(info, OPTIMIZER_FILE) is not None:
             tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify)
         return TrainingState.from_files(doc, tensors, where=self._where(info, TRAINING_STATE_FILE))
+
+    # --- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
+
+    @contextlib.contextmanager
+    def dcp_folder(self, info: CheckpointInfo, *, verify: bool, group: Any = None,
+                   split: bool = False) -> Iterator[str]:
+        """A local folder with the files DCP reads of ``info``, each checked against the sidecar first.
+
+        A local root is used in place (DCP reads every ``*.safetensors`` of a folder, so an unlisted
+        one there is an error); from object stores the files are downloaded to a temporary folder.
+        ``split``: every rank of ``group`` checks a part and all agree (a collective call).
+        """
+        rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
+        wanted = [e for e in info.files if sharded.read_by_dcp(e.path)]
+        scratch: str | None = None
+        error: BaseException | None = None
+        folder = ""
+        try:
+            if self.storage.is_local:
+                folder = self.storage.path(info.name)
+                listed = {e.path for e in info.files}
+                for rel in self.storage.list_files(info.name):
+                    if sharded.read_by_dcp(rel) and rel not in listed:
+                        raise CorruptCheckpointError(
+                            f"{self._where(info, rel)} is not listed in the checkpoint's sidecar; remove it")
+                for entry in wanted[rank::world] if verify else []:
+                    with self.open_verified(info, entry.path):
+                        pass  # drained and checked on exit
+            else:
+                scratch = folder = tempfile.mkdtemp(prefix="ckpt-dcp-")
+                for entry in wanted:
+                    self._copy_file(info, entry, Path(scratch), verify=verify)
+        except BaseException as exc:
+            error = exc
+        try:
+            if split:
+                distributed.agree(error, group=group)
+            elif error is not None:
+                raise error
+            yield folder
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def restore_sharded(self, info: CheckpointInfo, model: Any, *, optimizer: Any, scheduler: Any, rng: bool,
+                        strict: bool, verify: bool, group: Any) -> None:
+        """Load ``info`` into a model whose state is sharded (or a sharded checkpoint into any model),
+        resharding to the model's current placements; every rank calls this together."""
+        module = unwrap_model(model)
+        if info.sharding is None:
+            if optimizer is not None:
+                raise InvalidArgumentError(
+                    f"checkpoint {info.name!r} was saved unsharded: its optimizer state cannot be loaded into a "
+                    "sharded optimizer (restore the model only, or resume from a sharded checkpoint)")
+            sharded.set_full_model(module, self.load(info, verify=verify), strict=strict)
+            if rng and self.has_training_state(info):
+                self.training_state(info, verify=verify).apply(rng=True)
+            return
+        skeleton = None
+        if self.has_training_state(info):
+            where = self._where(info, TRAINING_STATE_FILE)
+            skeleton = sharded.parse_skeleton(
+                loads_strict(self.read_bytes(info, TRAINING_STATE_FILE, verify=verify), where), where)
+        rank_state = None
+        own = (sharded.rank_file(distributed.rank(), "json"), sharded.rank_file(distributed.rank(), "safetensors"))
+        if rng and info.sharding.world_size == distributed.world_size() and all(self.entry(info, r) for r in own):
+            tensors, _ = self.read_tensors(info, own[1], verify=verify)
+            rank_state = (self.read_bytes(info, own[0], verify=verify), tensors)
+        with self.dcp_folder(info, verify=verify, group=group, split=True) as folder:
+            model_dir = folder if info.sharding.consolidated else os.path.join(folder, sharded.MODEL_DIR)
+            values = sharded.load_into(folder, module, model_dir=model_dir, optimizer=optimizer, skeleton=skeleton,
+                                       saved_world=info.sharding.world_size, rank_state=rank_state, rng=rng,
+                                       strict=strict, group=group)
+        if scheduler is not None and isinstance(values, dict) and "scheduler" in values:
+            try:
+                scheduler.load_state_dict(values["scheduler"])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise CorruptCheckpointError(f"the saved scheduler state does not fit: {exc}") from exc
 
     # --- verify and copy ----------------------------------------------------------------------
 
@@ -233,22 +322,28 @@ class Reader:
 
         with tqdm(total=info.size, unit="B", unit_scale=True, disable=not show, desc=info.name) as bar:
             for entry in info.files:
-                out = (target / entry.path)
-                if not out.resolve().is_relative_to(base):  # sidecar paths are checked; links in DEST too
-                    raise CorruptCheckpointError(f"{entry.path!r} would be written outside {target}")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                partial = out.with_name(out.name + ".partial")
-                try:
-                    with self.open_verified(info, entry.path) as stream, open(partial, "wb") as f:
-                        buffer = memoryview(bytearray(_BLOCK))
-                        while n := stream.readinto(buffer):
-                            f.write(buffer[:n])
-                            bar.update(n)
-                    os.replace(partial, out)
-                finally:
-                    partial.unlink(missing_ok=True)
+                self._copy_file(info, entry, target, base=base, progress=bar.update)
         (target / SIDECAR).write_text(info.dumps())
         return target
+
+    def _copy_file(self, info: CheckpointInfo, entry: FileEntry, target: Path, *, base: Path | None = None,
+                   verify: bool = True, progress: Any = None) -> None:
+        """Copy one file of ``info`` under local folder ``target``; it lands only once its sha256 matched."""
+        out = target / entry.path
+        if not out.resolve().is_relative_to(base or target.resolve()):  # sidecar paths are checked; links too
+            raise CorruptCheckpointError(f"{entry.path!r} would be written outside {target}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        try:
+            with self.open_verified(info, entry.path, verify=verify) as stream, open(partial, "wb") as f:
+                buffer = memoryview(bytearray(_BLOCK))
+                while n := stream.readinto(buffer):
+                    f.write(buffer[:n])
+                    if progress is not None:
+                        progress(n)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def signed_urls(self, info: CheckpointInfo, *, expires: int) -> dict[str, str]:
         if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:

@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointInfo",
     "FileEntry",
     "Monitor",
+    "Sharding",
     "check_relative_path",
     "clean_metrics",
     "clean_number",
@@ -53,6 +54,7 @@ RESERVED_NAMES = frozenset({"latest", "best", "final"})
 MAX_SIDECAR_BYTES = 16 << 20  # far above any real sidecar (1,000 files is ~150 KB); read at most this much
 MAX_PATH_LENGTH = 1024
 _MAX_NAME_LENGTH = 200
+_MAX_RANKS = 1 << 20
 _MAX_INT = 2**63 - 1  # steps and sizes fit an int64 everywhere they go (torch, numpy, other languages)
 _MAX_FILE_SIZE = 2**53  # JSON readers that hold numbers as doubles still see exact sizes
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
@@ -158,6 +160,28 @@ class Monitor:
         return {"name": self.name, "mode": self.mode}
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How a sharded checkpoint was split: by torch.distributed.checkpoint over ``world_size`` ranks.
+
+    ``meshes`` are the shapes of the device meshes the tensors lived on, ``placements`` the
+    distinct DTensor placements (``Shard(dim=0)``, ``Replicate()``), ``consolidated`` whether
+    the model weights were also merged into the HF layout (then they load as they are).
+    """
+
+    world_size: int
+    engine: str = "torch.distributed.checkpoint"
+    format: str = "hf-safetensors"
+    meshes: tuple[tuple[int, ...], ...] = ()
+    placements: tuple[str, ...] = ()
+    consolidated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worldSize": self.world_size, "engine": self.engine, "format": self.format,
+                "meshes": [list(m) for m in self.meshes], "placements": list(self.placements),
+                "consolidated": self.consolidated}
+
+
 # snake_case attribute -> camelCase key on storage, in the documented order
 _KEYS = {
     "schema_version": "schemaVersion",
@@ -180,6 +204,7 @@ _KEYS = {
     "size": "size",
     "monitor": "monitor",
     "run_id": "runId",
+    "sharding": "sharding",
 }
 _ATTRS = {camel: snake for snake, camel in _KEYS.items()}
 _REQUIRED = ("id", "name", "type", "step", "createdAt")
@@ -219,6 +244,7 @@ class CheckpointInfo:
     size: int = 0
     monitor: Monitor | None = None
     run_id: str | None = None
+    sharding: Sharding | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __getattr__(self, key: str) -> Any:
@@ -266,6 +292,10 @@ class CheckpointInfo:
                 value = None if _finite(value) is None else value
             elif attr == "monitor":
                 value = None if value is None else value.to_json()
+            elif attr == "sharding":  # only sharded checkpoints have the key
+                if value is None:
+                    continue
+                value = value.to_json()
             out[key] = value
         return out
 
@@ -327,6 +357,7 @@ class CheckpointInfo:
             size=check.total_size(files),
             monitor=check.monitor(),
             run_id=check.text("runId", nullable=True),
+            sharding=check.sharding(),
         )
 
     @classmethod
@@ -411,6 +442,31 @@ class _Checker:
         ):
             raise self.bad("monitor", 'null or {"name": "<metric>", "mode": "min" or "max"}')
         return Monitor(name=value["name"], mode=value["mode"])
+
+    def sharding(self) -> Sharding | None:
+        value = self.data.get("sharding")
+        if value is None:
+            return None
+        expected = ('null or {"worldSize": int, "engine": str, "format": str, "meshes": [[int]], '
+                    '"placements": [str], "consolidated": bool}')
+        if not isinstance(value, dict):
+            raise self.bad("sharding", expected)
+        world, meshes, placements = value.get("worldSize"), value.get("meshes", []), value.get("placements", [])
+        texts = [value.get("engine", ""), value.get("format", "")]
+        texts += placements if isinstance(placements, list) else []
+        if (
+            not _is_int(world) or not 1 <= world <= _MAX_RANKS
+            or not all(isinstance(t, str) and _is_text(t) and len(t) <= 200 for t in texts)
+            or not isinstance(placements, list) or len(placements) > 64
+            or not isinstance(meshes, list) or len(meshes) > 64
+            or not all(isinstance(m, list) and len(m) <= 8 and all(_is_int(d) and 1 <= d <= _MAX_RANKS for d in m)
+                       for m in meshes)
+            or not isinstance(value.get("consolidated", False), bool)
+        ):
+            raise self.bad("sharding", expected)
+        return Sharding(world_size=int(world), engine=value.get("engine", ""), format=value.get("format", ""),
+                        meshes=tuple(tuple(int(d) for d in m) for m in meshes), placements=tuple(placements),
+                        consolidated=value.get("consolidated", False))
 
     def files(self) -> tuple[FileEntry, ...]:
         value = self.data.get("files", [])

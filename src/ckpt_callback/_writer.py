@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
-from ._commit import CommitProtocol
+from . import _distributed as distributed
+from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
 from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
 from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
+from ._sharded import ShardedState, describe, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
 from ._snapshot import StagingArea
 from ._training import TrainingState
@@ -45,6 +47,8 @@ class SaveJob:
     training: TrainingState | None = None
     files: dict[str, bytes] = field(default_factory=dict)
     replace: bool = True
+    sharded: ShardedState | None = None  # every rank runs the job; rank 0 commits
+    group: Any = None  # the process group of a sharded job
 
 
 class Writer:
@@ -78,6 +82,10 @@ class Writer:
     def submit(self, job: SaveJob) -> None:
         """Snapshot ``job``'s tensors, then write and commit it on the background thread."""
         self.settle_previous()
+        if job.sharded is not None:
+            job.sharded = job.sharded.snapshot(self._staging)
+            self._start(job)
+            return
         flat = {f"model/{k}": v for k, v in job.model.items()}
         if job.training is not None:
             flat.update({f"training/{k}": v for k, v in job.training.tensors.items()})
@@ -86,6 +94,9 @@ class Writer:
         if job.training is not None:
             tensors = {k: snap[f"training/{k}"] for k in job.training.tensors}
             job.training = TrainingState(job.training.skeleton, tensors)
+        self._start(job)
+
+    def _start(self, job: SaveJob) -> None:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
         with self._lock:
@@ -115,17 +126,19 @@ class Writer:
 
     def _run(self, job: SaveJob) -> CheckpointInfo:
         started = time.perf_counter()
-        txn = self.commit.begin(job.info.name, replace=job.replace)
-        try:
-            entries = self._write_files(txn, job)
-            with self._lock:  # metrics that arrived while the files were written
-                info = job.info
-                self._inflight = None
-            info = info.replace(files=tuple(entries), size=sum(e.size for e in entries))
-            txn.commit(info)
-        except BaseException:
-            txn.abort()
-            raise
+        if job.sharded is not None:
+            info = self._run_sharded(job, job.sharded)
+            if distributed.rank() != 0:
+                return info
+        else:
+            txn = self.commit.begin(job.info.name, replace=job.replace)
+            try:
+                entries = self._write_files(txn, job)
+                info = self._take_info(job).replace(files=tuple(entries), size=sum(e.size for e in entries))
+                txn.commit(info)
+            except BaseException:
+                txn.abort()
+                raise
         logger.info("saved %s (%s, %s bytes) to %s in %.2fs", info.name, info.type, info.size,
                     self.commit.storage.display(), time.perf_counter() - started)
         try:
@@ -133,6 +146,68 @@ class Writer:
         except Exception as exc:  # committed: what follows (retention, callbacks) must not undo that
             logger.error("after committing %s: %s", info.name, exc)
             return info
+
+    def _take_info(self, job: SaveJob) -> CheckpointInfo:
+        """The job's info with the metrics that arrived while its files were written; none arrive later."""
+        with self._lock:
+            self._inflight = None
+            return job.info
+
+    def _run_sharded(self, job: SaveJob, state: ShardedState) -> CheckpointInfo:
+        """Every rank writes its shards into one transaction that rank 0 began; rank 0 commits once
+        every rank's files are written and it has their sizes and hashes. Every rank returns the
+        committed info or raises the same error."""
+        group, root = job.group, distributed.rank() == 0
+        txn: Transaction | None = None
+        error: BaseException | None = None
+        if root:
+            try:
+                txn = self.commit.begin(job.info.name, replace=job.replace)
+            except BaseException as exc:
+                error = exc
+        distributed.agree(error, group=group)
+        folder = distributed.from_rank0(txn.folder if txn is not None else "", group=group)
+        try:
+            entries, error = write_shards(self.commit.storage, folder, state, group=group), None
+        except BaseException as exc:
+            entries, error = [], exc
+        reports = distributed.all_ranks((entries, None if error is None else distributed.describe(error)),
+                                        group=group)
+        failed = next(((r, e) for r, (_, e) in enumerate(reports) if e is not None), None)
+        info: CheckpointInfo | None = None
+        if root:
+            assert txn is not None
+            try:
+                if failed is not None:
+                    raise distributed.rebuild(failed[1], rank=failed[0])
+                files = [entry for rank_entries, _ in reports for entry in rank_entries]
+                files += self._write_shared(txn, job, state)
+                info = self._take_info(job).replace(
+                    files=tuple(files), size=sum(e.size for e in files),
+                    sharding=describe(state.model, distributed.world_size()))
+                txn.commit(info)
+                error = None
+            except BaseException as exc:
+                txn.abort()
+                error = exc
+        if failed is not None:  # every rank knows: each raises its own error, or the failed rank's
+            raise error if error is not None else distributed.rebuild(failed[1], rank=failed[0])
+        distributed.agree(error if root else None, group=group)
+        committed = distributed.from_rank0(info, group=group)
+        assert committed is not None
+        return committed
+
+    def _write_shared(self, txn: Transaction, job: SaveJob, state: ShardedState) -> list[FileEntry]:
+        """What rank 0 writes once for all: the training state's JSON part and the extra files."""
+        blobs = dict(job.files)
+        if state.skeleton is not None:
+            doc, _ = TrainingState(state.skeleton, {}).to_files(step=job.info.step, epoch=job.info.epoch)
+            blobs[TRAINING_STATE_FILE] = doc
+        entries = []
+        for rel, data in blobs.items():
+            size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))  # type: ignore[misc]
+            entries.append(FileEntry(rel, size, sha))
+        return entries
 
     def _write_files(self, txn: Any, job: SaveJob) -> list[FileEntry]:
         entries: list[FileEntry] = []

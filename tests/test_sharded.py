@@ -1,0 +1,157 @@
+"""Sharded models (FSDP2 `fully_shard`, DTensor tensor parallel) under real `torchrun` on CPU/gloo.
+
+Every rank writes its own shards through torch.distributed.checkpoint; rank 0 commits. The checks:
+a resumed run equals one that never stopped (`torch.equal` on every full parameter and optimizer
+tensor, through their sha256), the same values load at another world size (2 -> 1 plain, 2 -> 3)
+and in one plain process, on a local folder and on S3; a rank SIGKILLed mid-save or whose write
+fails leaves no listed checkpoint and no hang.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckpt_callback import CheckpointManager
+from conftest import make_root, run_python
+from test_distributed import launch
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).parent / "_sharded_worker.py"
+BACKENDS = ["local", "s3"]
+
+
+def run(tmp_path: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
+        ok: bool = True, options: dict[str, Any] | None = None) -> tuple[int, str, dict[int, dict[str, Any]]]:
+    extra = ["--s3-options", json.dumps(options)] if options else []
+    script = tmp_path / WORKER.name  # launch() puts the ranks' reports beside the script
+    if not script.exists():
+        script.write_text(WORKER.read_text())
+    returncode, output, reports = launch(script, *args, *extra, nproc=nproc, timeout=150, env=env)
+    if ok:
+        assert returncode == 0, f"torchrun failed ({returncode}):\n{output[-6000:]}"
+        assert sorted(reports) == list(range(nproc)), output[-4000:]
+    return returncode, output, reports
+
+
+def plain(tmp_path: Path, root: str, name: str, options: dict[str, Any] | None = None, *flags: str) -> dict[str, Any]:
+    """Restore ``name`` into an unsharded model in one plain process (no torch.distributed); its report."""
+    extra = [*flags, *(["--s3-options", json.dumps(options)] if options else [])]
+    out = tmp_path / "plain-report"
+    out.mkdir(exist_ok=True)
+    run_python(f"import os, runpy, sys; os.environ['REPORT_DIR'] = {str(out)!r}; "
+               f"sys.argv = {[str(WORKER), 'restore', root, name, '--plain', *extra]!r}; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return json.loads((out / "rank-0.json").read_text())
+
+
+def s3_options(request: pytest.FixtureRequest, backend: str) -> dict[str, Any] | None:
+    return dict(request.getfixturevalue("s3_server").storage_options) if backend == "s3" else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_resume_is_exact_and_reshards(backend: str, tmp_path: Path, request: pytest.FixtureRequest):
+    options = s3_options(request, backend)
+    straight, stopped = make_root(backend, tmp_path / "a", request), make_root(backend, tmp_path / "b", request)
+
+    _, _, whole = run(tmp_path, "train", straight, "8", options=options)
+    assert whole[0]["saved"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert [r["saved"] for r in whole.values() if r["rank"]] == [[]]  # only rank 0 commits
+
+    _, _, first = run(tmp_path, "train", stopped, "5", options=options)  # stops at 5: a final checkpoint
+    _, _, second = run(tmp_path, "train", stopped, "8", options=options)
+    assert [r["start"] for r in second.values()] == [5, 5]
+    assert second[0]["digest"] == second[1]["digest"] == whole[0]["digest"] == whole[1]["digest"]
+
+    # the same values at other world sizes: 2 -> 3 ranks, and 2 -> 1 unsharded in one plain process
+    _, _, three = run(tmp_path, "restore", straight, "checkpoint-8", nproc=3, options=options)
+    assert all(r["digest"] == whole[0]["digest"] for r in three.values())
+    assert all(r["warnings"] and "saved by 2 ranks" in r["warnings"][0] for r in three.values())
+    one = plain(tmp_path, straight, "checkpoint-8", options)
+    assert one["digest"] == whole[0]["digest"] and one["warnings"]
+
+    manager = CheckpointManager(straight, storage_options=options)
+    info = manager.get("final")
+    assert info.sharding is not None and info.sharding.world_size == 2 and info.sharding.meshes == ((2,),)
+    assert all(result.ok for result in manager.verify())
+    loaded = manager.load("final")  # the full, unsharded state dict, in this plain process
+    assert sorted(loaded) == ["0.bias", "0.weight", "3.bias", "3.weight", "4.bias", "4.weight"]
+    assert loaded["0.weight"].shape == (32, 8)
+    ranks = {f.path.split("/")[0] for f in info.files}
+    assert ranks == {"sharded", "optimizer", "ranks", "training_state.json"}
+
+
+def test_async_sharded_saves_resume_exactly(tmp_path: Path):
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    _, _, reference = run(tmp_path, "train", whole, "6")
+    run(tmp_path, "train", stopped, "3", "--async")
+    _, _, resumed = run(tmp_path, "train", stopped, "6", "--async")
+    assert resumed[0]["saved"] == ["checkpoint-4", "checkpoint-6"]
+    assert resumed[0]["digest"] == resumed[1]["digest"] == reference[0]["digest"]
+    assert all(result.ok for result in CheckpointManager(stopped).verify())
+
+
+def test_tensor_parallel_model_saves_and_loads_everywhere(tmp_path: Path):
+    root = str(tmp_path / "tp")
+    _, _, trained = run(tmp_path, "train", root, "4", "--tp")
+    _, _, restored = run(tmp_path, "restore", root, "final", "--tp")
+    assert restored[0]["digest"] == restored[1]["digest"] == trained[0]["digest"]
+    assert plain(tmp_path, root, "final", None, "--tp")["digest"] == trained[0]["digest"]
+    info = CheckpointManager(root).get("final")
+    assert info.sharding is not None and set(info.sharding.placements) == {"Replicate()", "Shard(dim=0)",
+                                                                           "Shard(dim=1)"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_rank_killed_mid_save_leaves_nothing_listed(backend: str, tmp_path: Path,
+                                                        request: pytest.FixtureRequest):
+    options = s3_options(request, backend)
+    root = make_root(backend, tmp_path / "r", request)
+    returncode, output, reports = run(tmp_path, "train", root, "8", options=options, ok=False,
+                                      env={"CKPT_TEST_KILL": "1:4"})
+    assert returncode != 0 and not reports, output[-3000:]  # torchrun stopped the job when rank 1 died
+    manager = CheckpointManager(root, storage_options=options)
+    assert [i.name for i in manager.list(sort_by="step", order="asc")] == ["checkpoint-2"]
+    # the relaunched job resumes from the last committed checkpoint and cleans up after the dead one
+    _, _, resumed = run(tmp_path, "train", root, "6", options=options)
+    assert [r["start"] for r in resumed.values()] == [2, 2] and resumed[0]["saved"] == ["checkpoint-4", "checkpoint-6"]
+    assert all(result.ok for result in manager.verify())
+    assert [i.name for i in manager.list(sort_by="step", order="asc")] == ["checkpoint-2", "checkpoint-4",
+                                                                            "checkpoint-6"]
+    if backend == "local":
+        assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path):
+    root = str(tmp_path / "r")
+    _, output, reports = run(tmp_path, "train", root, "6", env={"CKPT_TEST_FAIL": "1:4"})
+    assert reports[0]["saved"] == ["checkpoint-2", "checkpoint-6"]  # step 4 failed; training went on
+    assert output.count("checkpoint-4 (step 4) was not saved") == 2, output[-4000:]  # both ranks say so
+    assert "No space left on device (injected)" in output
+    assert [i.name for i in CheckpointManager(root).list(sort_by="step", order="asc")] == ["checkpoint-2",
+                                                                                           "checkpoint-6"]
+    assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_load_of_a_sharded_checkpoint_checks_every_file(tmp_path: Path):
+    root = str(tmp_path / "r")
+    run(tmp_path, "train", root, "2")
+    manager = CheckpointManager(root)
+    shard = next(Path(root, "checkpoint-2", "sharded").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from ckpt_callback import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError, match="sha256"):
+        manager.load("checkpoint-2")
+    shard.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))  # back as it was
+    assert torch.equal(manager.load("checkpoint-2")["4.bias"], manager.load("checkpoint-2")["4.bias"])
+    Path(shard.parent, "shard-00009-model-00001-of-00001.safetensors").write_bytes(shard.read_bytes())
+    with pytest.raises(CorruptCheckpointError, match="not listed"):
+        manager.load("checkpoint-2")
