@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--async", dest="async_save", action="store_true")
     parser.add_argument("--s3-options", default=None)
+    parser.add_argument("--consolidate", default="final")
     args = parser.parse_args()
     options = {"storage_options": json.loads(args.s3_options)} if args.s3_options else {}
 
@@ -122,7 +123,7 @@ def main() -> None:
     if args.mode == "train":
         saves = watch_saves()
         with CheckpointHook(args.root, model, optimizer=optimizer, every_n_steps=2, keep_last=None,
-                            async_save=args.async_save, **options) as hook:
+                            async_save=args.async_save, consolidate=args.consolidate, **options) as hook:
             start = hook.resume()
             for step in range(start + 1, int(args.arg) + 1):
                 CURRENT_STEP = step

@@ -60,38 +60,43 @@ def test_fsdp2_resume_is_exact_and_reshards(backend: str, tmp_path: Path, reques
     straight, stopped = make_root(backend, tmp_path / "a", request), make_root(backend, tmp_path / "b", request)
 
     _, _, whole = run(tmp_path, "train", straight, "8", options=options)
-    assert whole[0]["saved"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    # the final checkpoint replaces the sharded one of step 8 by a consolidated one
+    assert whole[0]["saved"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-8"]
     assert [r["saved"] for r in whole.values() if r["rank"]] == [[]]  # only rank 0 commits
 
-    _, _, first = run(tmp_path, "train", stopped, "5", options=options)  # stops at 5: a final checkpoint
+    _, _, first = run(tmp_path, "train", stopped, "6", options=options)  # stops at 6: a consolidated final
     _, _, second = run(tmp_path, "train", stopped, "8", options=options)
-    assert [r["start"] for r in second.values()] == [5, 5]
+    assert [r["start"] for r in second.values()] == [6, 6]
     assert second[0]["digest"] == second[1]["digest"] == whole[0]["digest"] == whole[1]["digest"]
 
-    # the same values at other world sizes: 2 -> 3 ranks, and 2 -> 1 unsharded in one plain process
-    _, _, three = run(tmp_path, "restore", straight, "checkpoint-8", nproc=3, options=options)
-    assert all(r["digest"] == whole[0]["digest"] for r in three.values())
+    # checkpoint-6 of the straight run is sharded: DCP reshards it to 3 ranks, and to 1 unsharded process
+    at_6 = first[0]["digest"]
+    _, _, three = run(tmp_path, "restore", straight, "checkpoint-6", nproc=3, options=options)
+    assert all(r["digest"] == at_6 for r in three.values())
     assert all(r["warnings"] and "saved by 2 ranks" in r["warnings"][0] for r in three.values())
-    one = plain(tmp_path, straight, "checkpoint-8", options)
-    assert one["digest"] == whole[0]["digest"] and one["warnings"]
+    one = plain(tmp_path, straight, "checkpoint-6", options)
+    assert one["digest"] == at_6 and one["warnings"]
 
     manager = CheckpointManager(straight, storage_options=options)
-    info = manager.get("final")
-    assert info.sharding is not None and info.sharding.world_size == 2 and info.sharding.meshes == ((2,),)
+    sharded, final = manager.get("checkpoint-6"), manager.get("final")
+    assert sharded.sharding is not None and sharded.sharding.world_size == 2 and sharded.sharding.meshes == ((2,),)
+    assert {f.path.split("/")[0] for f in sharded.files} == {"sharded", "optimizer", "ranks", "training_state.json"}
+    assert final.sharding is not None and final.sharding.consolidated  # model merged, its shards gone
+    assert {f.path.split("/")[0] for f in final.files} == {"model.safetensors", "optimizer", "ranks",
+                                                           "training_state.json"}
     assert all(result.ok for result in manager.verify())
-    loaded = manager.load("final")  # the full, unsharded state dict, in this plain process
-    assert sorted(loaded) == ["0.bias", "0.weight", "3.bias", "3.weight", "4.bias", "4.weight"]
-    assert loaded["0.weight"].shape == (32, 8)
-    ranks = {f.path.split("/")[0] for f in info.files}
-    assert ranks == {"sharded", "optimizer", "ranks", "training_state.json"}
+    for name in ("checkpoint-6", "final"):  # the full, unsharded state dict, in this plain process
+        loaded = manager.load(name)
+        assert sorted(loaded) == ["0.bias", "0.weight", "3.bias", "3.weight", "4.bias", "4.weight"]
+        assert loaded["0.weight"].shape == (32, 8)
 
 
 def test_async_sharded_saves_resume_exactly(tmp_path: Path):
     whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
     _, _, reference = run(tmp_path, "train", whole, "6")
-    run(tmp_path, "train", stopped, "3", "--async")
+    run(tmp_path, "train", stopped, "3", "--async", "--consolidate", "never")  # resumes from a sharded final
     _, _, resumed = run(tmp_path, "train", stopped, "6", "--async")
-    assert resumed[0]["saved"] == ["checkpoint-4", "checkpoint-6"]
+    assert resumed[0]["saved"] == ["checkpoint-4", "checkpoint-6", "checkpoint-6"]  # then consolidated
     assert resumed[0]["digest"] == resumed[1]["digest"] == reference[0]["digest"]
     assert all(result.ok for result in CheckpointManager(stopped).verify())
 

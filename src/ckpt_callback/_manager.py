@@ -85,6 +85,9 @@ class CheckpointManager:
         writer: whether this process writes (default: rank 0 of torch.distributed, else True).
         save_threads: CPU threads a save may keep busy: 2 hashes beside the writes (default),
             1 hashes inline and leaves more of the CPU to training.
+        consolidate: for sharded models (FSDP2, tensor parallel), which saves also merge the
+            model into HF-layout weights that load as they are: ``"final"`` (default), ``"always"``
+            or ``"never"``. The shards are then dropped; optimizer state stays sharded.
 
     Example:
         >>> import torch
@@ -109,9 +112,13 @@ class CheckpointManager:
         max_shard_size: int | str = "5GB",
         writer: bool | None = None,
         save_threads: int = 2,
+        consolidate: str = "final",
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
+        if consolidate not in ("final", "always", "never"):
+            raise InvalidArgumentError(f"consolidate must be 'final', 'always' or 'never', got {consolidate!r}")
+        self.consolidate = consolidate
         storage = Storage(root, storage_options)
         self._storage = storage  # for tests that tune retries; everything else goes through the parts below
         self._root = storage.url
@@ -280,12 +287,16 @@ class CheckpointManager:
         """A save of DTensor state: every rank calls it and writes its own shards (see `_sharded`)."""
         self._writer.settle_previous()  # its collectives run on the same group: never two at once
         group = checkpoint_group()
+        consolidate = self.consolidate == "always" or (self.consolidate == "final" and info.type == "final")
         existing, error = None, None
         if self.writer:
             try:
                 existing = self._existing(info, explicit)
             except BaseException as exc:
                 error = exc
+            merged = existing is not None and existing.sharding is not None and existing.sharding.consolidated
+            if existing is not None and consolidate and not merged:
+                existing = None  # saved again, consolidated, in place of the sharded one of the same step
         agree(error, group=group)
         if from_rank0(existing is not None, group=group):
             promoted = None
@@ -297,7 +308,8 @@ class CheckpointManager:
             agree(error, group=group)
             return from_rank0(promoted, group=group)
         state = ShardedState.capture(module, optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
-        job = SaveJob(info=info, model={}, files=files, replace=not explicit, sharded=state, group=group)
+        job = SaveJob(info=info, model={}, files=files, replace=not explicit, sharded=state, group=group,
+                      consolidate=consolidate)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)

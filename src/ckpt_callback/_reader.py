@@ -266,9 +266,9 @@ class Reader:
         if rng and info.sharding.world_size == distributed.world_size() and all(self.entry(info, r) for r in own):
             tensors, _ = self.read_tensors(info, own[1], verify=verify)
             rank_state = (self.read_bytes(info, own[0], verify=verify), tensors)
+        full_model = self.load(info, verify=verify) if info.sharding.consolidated else None
         with self.dcp_folder(info, verify=verify, group=group, split=True) as folder:
-            model_dir = folder if info.sharding.consolidated else os.path.join(folder, sharded.MODEL_DIR)
-            values = sharded.load_into(folder, module, model_dir=model_dir, optimizer=optimizer, skeleton=skeleton,
+            values = sharded.load_into(folder, module, full_model=full_model, optimizer=optimizer, skeleton=skeleton,
                                        saved_world=info.sharding.world_size, rank_state=rank_state, rng=rng,
                                        strict=strict, group=group)
         if scheduler is not None and isinstance(values, dict) and "scheduler" in values:

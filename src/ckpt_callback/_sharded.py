@@ -248,6 +248,37 @@ def _upload(storage: Storage, local: str, rel: str) -> None:
     storage.write_stream(rel, produce)
 
 
+def read_model_shards(storage: Storage, folder: str, shards: list[FileEntry]) -> dict[str, torch.Tensor]:
+    """The full model from the shards every rank wrote into ``folder`` (rank 0, for consolidation).
+
+    Read on the writer's side of the commit: a local folder as it is, an object store's shards
+    downloaded to a temporary folder first (each checked against the size and sha256 its rank sent).
+    """
+    if storage.is_local:
+        return load_plain(os.path.join(storage.path(folder), MODEL_DIR))
+    with tempfile.TemporaryDirectory(prefix="ckpt-consolidate-") as scratch:
+        for entry in shards:
+            target = os.path.join(scratch, entry.path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            digest, size = hashlib.sha256(), 0
+            with storage.open_read(f"{folder}/{entry.path}") as src, open(target, "wb") as out:
+                while chunk := src.read(_BLOCK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            if (size, digest.hexdigest()) != (entry.size, entry.sha256):
+                raise SaveError(f"{storage.display(folder, entry.path)} changed after its rank wrote it")
+        return load_plain(os.path.join(scratch, MODEL_DIR))
+
+
+def remove_files(storage: Storage, folder: str, entries: list[FileEntry]) -> None:
+    for entry in entries:
+        storage.remove(f"{folder}/{entry.path}")
+    if storage.is_local:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(storage.path(folder), MODEL_DIR))
+
+
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -318,48 +349,49 @@ def _unfit(path: str, exc: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"the sharded checkpoint in {path} does not fit or is malformed: {message[:500]}")
 
 
-def load_into(folder: str, module: torch.nn.Module, *, model_dir: str, optimizer: Any, skeleton: Any, saved_world: int,
-              rank_state: tuple[bytes, dict[str, torch.Tensor]] | None, rng: bool, strict: bool,
-              group: Any) -> Any:
+def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, torch.Tensor] | None, optimizer: Any,
+              skeleton: Any, saved_world: int, rank_state: tuple[bytes, dict[str, torch.Tensor]] | None, rng: bool,
+              strict: bool, group: Any) -> Any:
     """Load a verified local sharded checkpoint into a live (sharded or plain) model and optimizer.
 
-    DCP reshards to the model's current placements. Returns the loaded scheduler/extra values
-    (``skeleton`` unflattened) for the caller to apply.
+    DCP reshards the shards to the model's current placements; ``full_model`` (the weights of a
+    consolidated checkpoint) is instead split by each rank itself. Returns the loaded training
+    state values (scheduler, extra) for the caller to apply.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
-        get_state_dict,
+        get_optimizer_state_dict,
         set_model_state_dict,
-        set_state_dict,
+        set_optimizer_state_dict,
     )
 
     no_dist = distributed.world_size() == 1
     options = StateDictOptions(strict=strict)
     with _dcp_errors(folder), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
-        use_optimizer = optimizer is not None and skeleton is not None and "optimizer" in skeleton
-        if use_optimizer:
-            model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+        if full_model is not None:
+            set_model_state_dict(module, cast(Any, full_model),
+                                 options=StateDictOptions(full_state_dict=True, strict=strict))
         else:
-            model_sd, optim_sd = get_model_state_dict(module, options=options), None
-        planner = None if strict else _lenient_planner()
-        dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(model_dir),
-                 process_group=group, no_dist=no_dist, planner=planner)
+            model_sd = get_model_state_dict(module, options=options)
+            dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(os.path.join(folder, MODEL_DIR)),
+                     process_group=group, no_dist=no_dist, planner=None if strict else _lenient_planner())
+            set_model_state_dict(module, model_sd, options=options)
+        use_optimizer = optimizer is not None and isinstance(skeleton, dict) and "optimizer" in skeleton
         values: Any = {}
         if skeleton is not None:
-            _, live = flatten_state({"optimizer": optim_sd} if use_optimizer else {})
+            live = flatten_state({"optimizer": get_optimizer_state_dict(module, optimizer, options=options)})[1] \
+                if use_optimizer else {}
             targets = _targets(os.path.join(folder, OPTIMIZER_DIR), skeleton, live)
-            dcp.load(targets, storage_reader=HuggingFaceStorageReader(os.path.join(folder, OPTIMIZER_DIR)),
-                     process_group=group, no_dist=no_dist)
+            if targets:
+                dcp.load(targets, storage_reader=HuggingFaceStorageReader(os.path.join(folder, OPTIMIZER_DIR)),
+                         process_group=group, no_dist=no_dist)
             values = unflatten_state(skeleton, targets, where=os.path.join(folder, "training_state.json"))
         if use_optimizer:
-            set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=values["optimizer"],
-                           options=options)
-        else:
-            set_model_state_dict(module, model_sd, options=options)
+            set_optimizer_state_dict(module, optimizer, values["optimizer"], options=options)
     if rng:
         _restore_rank_rng(rank_state, saved_world)
     return values

@@ -28,7 +28,7 @@ from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
 from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
 from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
-from ._sharded import ShardedState, describe, write_shards
+from ._sharded import MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
 from ._snapshot import StagingArea
 from ._training import TrainingState
@@ -49,6 +49,7 @@ class SaveJob:
     replace: bool = True
     sharded: ShardedState | None = None  # every rank runs the job; rank 0 commits
     group: Any = None  # the process group of a sharded job
+    consolidate: bool = False  # a sharded job also merges the model into HF-layout weights (then drops the shards)
 
 
 class Writer:
@@ -181,10 +182,14 @@ class Writer:
                 if failed is not None:
                     raise distributed.rebuild(failed[1], rank=failed[0])
                 files = [entry for rank_entries, _ in reports for entry in rank_entries]
+                if job.consolidate:
+                    files = self._consolidate(txn, job, files)
                 files += self._write_shared(txn, job, state)
-                info = self._take_info(job).replace(
-                    files=tuple(files), size=sum(e.size for e in files),
-                    sharding=describe(state.model, distributed.world_size()))
+                info = self._take_info(job)
+                info = info.replace(
+                    files=tuple(files), size=sum(e.size for e in files), inference_ready=info.inference_ready
+                    and job.consolidate, sharding=describe(state.model, distributed.world_size(),
+                                                           consolidated=job.consolidate))
                 txn.commit(info)
                 error = None
             except BaseException as exc:
@@ -196,6 +201,16 @@ class Writer:
         committed = distributed.from_rank0(info, group=group)
         assert committed is not None
         return committed
+
+    def _consolidate(self, txn: Transaction, job: SaveJob, files: list[FileEntry]) -> list[FileEntry]:
+        """Rank 0 merges the model shards every rank wrote into HF-layout weights (``model.safetensors``,
+        or shards with an index, as unsharded saves write them) and removes the shards: what
+        ``from_pretrained`` loads, without keeping the model's bytes twice."""
+        shards = [e for e in files if e.path.startswith(MODEL_DIR + "/")]
+        full = read_model_shards(self.commit.storage, txn.folder, shards)
+        merged = self._write_files(txn, SaveJob(info=job.info, model=full))
+        remove_files(self.commit.storage, txn.folder, shards)
+        return [e for e in files if e not in shards] + merged
 
     def _write_shared(self, txn: Transaction, job: SaveJob, state: ShardedState) -> list[FileEntry]:
         """What rank 0 writes once for all: the training state's JSON part and the extra files."""
