@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -97,10 +98,49 @@ def report(rank: int, saves: Saves | None, **fields: object) -> None:
         json.dump(fields, f)
 
 
+def hf_checkpoints(root: str, rank: int, world: int) -> None:
+    """An FSDP2-sharded tiny GPT-2 saved with its config and tokenizer: an automatic checkpoint at step 1
+    (sharded) and a final one at step 2 (consolidated); reports the live model's logits on PROBE."""
+    import tempfile
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from test_hf import PROBE, tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {path.name: path.read_bytes() for path in Path(tmp).iterdir()}
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    manager = CheckpointManager(root)
+    logits = {}
+    for step, kind in ((1, "automatic"), (2, "final")):
+        model.train()
+        loss = model(PROBE, labels=PROBE).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        manager.save(model, step=step, type=kind, optimizer=optimizer, files=files, inference_ready=True)
+        with torch.no_grad():
+            logits[step] = model.eval()(PROBE).logits.tolist()
+    manager.restore("checkpoint-1", model=model, optimizer=optimizer)  # sharded, with a tied LM head
+    with torch.no_grad():
+        logits["restored-1"] = model.eval()(PROBE).logits.tolist()
+    report(rank, None, logits=logits)
+
+
 def main() -> None:
     global CURRENT_STEP
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "restore"])
+    parser.add_argument("mode", choices=["train", "restore", "hf"])
     parser.add_argument("root")
     parser.add_argument("arg")
     parser.add_argument("--tp", action="store_true")
@@ -116,6 +156,9 @@ def main() -> None:
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if args.mode == "hf":
+        hf_checkpoints(args.root, rank, world)
+        finish()
     inject_faults(rank)
     model = build(world, tp=args.tp, plain=args.plain or not distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

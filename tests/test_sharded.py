@@ -160,3 +160,29 @@ def test_load_of_a_sharded_checkpoint_checks_every_file(tmp_path: Path):
     Path(shard.parent, "shard-00009-model-00001-of-00001.safetensors").write_bytes(shard.read_bytes())
     with pytest.raises(CorruptCheckpointError, match="not listed"):
         manager.load("checkpoint-2")
+
+
+def test_a_consolidated_final_loads_with_from_pretrained_and_a_sharded_one_says_it_does_not(tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_hf import PROBE
+
+    root = str(tmp_path / "hf")
+    _, _, reports = run(tmp_path, "hf", root, "-")
+    logits = reports[0]["logits"]
+    live = torch.tensor(logits["2"])
+    assert logits["restored-1"] == logits["1"]  # a sharded checkpoint with tied weights restores exactly
+    manager = CheckpointManager(root)
+    sharded, final = manager.get("checkpoint-1"), manager.get("final")
+    assert not sharded.inference_ready  # asked for, but its weights are shards: refused
+    assert final.inference_ready and final.sharding is not None and final.sharding.consolidated
+    folder = Path(root, final.name)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder) is not None
+    with torch.no_grad():
+        assert torch.equal(model.eval()(PROBE).logits, live)
+    assert not any(p.name.startswith("shard-") for p in folder.rglob("*") if "optimizer" not in p.parts)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(Path(root, sharded.name))
+    loaded = manager.load("checkpoint-1")  # tied names come back as one tensor under each name
+    assert loaded["lm_head.weight"] is loaded["transformer.wte.weight"]

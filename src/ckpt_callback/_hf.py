@@ -28,6 +28,7 @@ from ._distributed import barrier
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
+from ._sharded import is_sharded
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
 from ._training import TrainingStateValues, restore_rng, unwrap_model
 from ._trigger import SaveTrigger
@@ -185,7 +186,9 @@ class CheckpointCallback(TrainerCallback):
     def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str) -> CheckpointInfo | None:
         step, info = state.global_step, None
         try:
-            if self.manager.writer:  # the other ranks only wait for it
+            # The other ranks only wait for rank 0, unless the model is sharded (FSDP2, tensor parallel):
+            # then every rank writes its own shards.
+            if self.manager.writer or is_sharded(unwrap_model(kwargs["model"]).state_dict()):
                 info = self.manager.save(**self._payload(args, state, control, kwargs), step=step, type=type)
                 if type == "final":
                     self.manager.close()  # a background save is committed too

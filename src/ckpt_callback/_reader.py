@@ -33,7 +33,7 @@ from ._layout import (
     is_library_temp,
     is_model_weights,
 )
-from ._serialization import add_aliases, aliases_from_metadata, parse_index, read_safetensors
+from ._serialization import ALIASES_KEY, add_aliases, aliases_from_metadata, parse_index, read_safetensors
 from ._sidecar import CheckpointInfo, FileEntry, loads_strict
 from ._storage import Storage
 from ._training import TrainingState, TrainingStateValues, unwrap_model
@@ -136,8 +136,11 @@ class Reader:
              into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The model state dict of ``info``; tied names come back as one tensor under each name."""
         if info.sharding is not None and not info.sharding.consolidated:
+            aliases = self.sharded_aliases(info, verify=verify)
             with self.dcp_folder(info, verify=verify) as folder:
-                return sharded.load_plain(os.path.join(folder, sharded.MODEL_DIR))
+                full = sharded.load_plain(os.path.join(folder, sharded.MODEL_DIR))
+            add_aliases(full, aliases, where=self.storage.display(info.name))
+            return full
         if self.entry(info, MODEL_INDEX) is not None:
             filenames, aliases = parse_index(self.read_bytes(info, MODEL_INDEX, verify=verify),
                                              self._where(info, MODEL_INDEX))
@@ -242,6 +245,14 @@ class Reader:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
+    def sharded_aliases(self, info: CheckpointInfo, *, verify: bool) -> dict[str, str]:
+        """The tied weights of a sharded checkpoint: {dropped name: kept name}."""
+        if self.entry(info, sharded.ALIASES_FILE) is None:
+            return {}
+        where = self._where(info, sharded.ALIASES_FILE)
+        return aliases_from_metadata({ALIASES_KEY: self.read_bytes(info, sharded.ALIASES_FILE, verify=verify)
+                                      .decode("utf-8", "replace")}, where=where)
+
     def restore_sharded(self, info: CheckpointInfo, model: Any, *, optimizer: Any, scheduler: Any, rng: bool,
                         strict: bool, verify: bool, group: Any) -> None:
         """Load ``info`` into a model whose state is sharded (or a sharded checkpoint into any model),
@@ -269,6 +280,7 @@ class Reader:
         full_model = self.load(info, verify=verify) if info.sharding.consolidated else None
         with self.dcp_folder(info, verify=verify, group=group, split=True) as folder:
             values = sharded.load_into(folder, module, full_model=full_model, optimizer=optimizer, skeleton=skeleton,
+                                       aliases=self.sharded_aliases(info, verify=verify),
                                        saved_world=info.sharding.world_size, rank_state=rank_state, rng=rng,
                                        strict=strict, group=group)
         if scheduler is not None and isinstance(values, dict) and "scheduler" in values:

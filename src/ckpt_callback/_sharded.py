@@ -15,6 +15,7 @@ needs around it:
 A sharded checkpoint folder::
 
     sharded/shard-0000R-model-00001-of-00001.safetensors   model shards of rank R-1 (DCP's HF writer)
+    sharded/aliases.json                                    tied weights, stored under their first name
     optimizer/shard-0000R-model-00001-of-00001.safetensors optimizer (and other training) tensors
     ranks/rank-0000R.json, ranks/rank-0000R.safetensors    per-rank RNG state
     training_state.json                                     optimizer param groups, scheduler, step
@@ -30,7 +31,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -47,6 +48,7 @@ __all__ = ["MODEL_DIR", "OPTIMIZER_DIR", "RANKS_DIR", "ShardedState", "is_sharde
 MODEL_DIR = "sharded"  # DCP's own name for shards not (yet) consolidated
 OPTIMIZER_DIR = "optimizer"
 RANKS_DIR = "ranks"
+ALIASES_FILE = f"{MODEL_DIR}/aliases.json"  # tied weights: {dropped name: kept name}, stored once
 _BLOCK = 8 << 20
 
 
@@ -81,6 +83,26 @@ def describe(tensors: Mapping[str, Any], world_size: int, *, consolidated: bool 
                     consolidated=consolidated)
 
 
+def untie(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights (an LM head sharing the embeddings) once, under their first name, and the others'
+    names as ``{dropped: kept}``: safetensors refuses tensors that share memory."""
+    dtensor = _dtensor_type()
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, tensor in model.items():
+        local = tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+        key = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape),
+               tuple(local.stride()), local.dtype) if local.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        kept[name] = tensor
+    return kept, aliases
+
+
 @dataclass
 class ShardedState:
     """One rank's part of a sharded checkpoint, captured on the training thread.
@@ -94,6 +116,7 @@ class ShardedState:
     tensors: dict[str, torch.Tensor]
     skeleton: Any
     rank_state: TrainingState | None
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def capture(cls, module: torch.nn.Module, *, optimizer: Any = None, scheduler: Any = None,
@@ -113,7 +136,8 @@ class ShardedState:
             payload["extra"] = dict(extra)
         skeleton, tensors = flatten_state(payload) if payload else (None, {})
         rank_state = TrainingState.capture(rng=True) if rng else None
-        return cls(cast(dict[str, torch.Tensor], dict(model_sd)), tensors, skeleton, rank_state)
+        model, aliases = untie(cast(dict[str, torch.Tensor], dict(model_sd)))
+        return cls(model, tensors, skeleton, rank_state, aliases)
 
     @property
     def has_training_state(self) -> bool:
@@ -140,7 +164,8 @@ class ShardedState:
             rank_state = TrainingState(self.rank_state.skeleton,
                                        {k: staged[f"r/{k}"] for k in self.rank_state.tensors})
         return ShardedState({k: rewrap(f"m/{k}", v) for k, v in self.model.items()},
-                            {k: rewrap(f"t/{k}", v) for k, v in self.tensors.items()}, self.skeleton, rank_state)
+                            {k: rewrap(f"t/{k}", v) for k, v in self.tensors.items()}, self.skeleton, rank_state,
+                            self.aliases)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -349,9 +374,9 @@ def _unfit(path: str, exc: BaseException) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"the sharded checkpoint in {path} does not fit or is malformed: {message[:500]}")
 
 
-def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, torch.Tensor] | None, optimizer: Any,
-              skeleton: Any, saved_world: int, rank_state: tuple[bytes, dict[str, torch.Tensor]] | None, rng: bool,
-              strict: bool, group: Any) -> Any:
+def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, torch.Tensor] | None,
+              aliases: Mapping[str, str], optimizer: Any, skeleton: Any, saved_world: int,
+              rank_state: tuple[bytes, dict[str, torch.Tensor]] | None, rng: bool, strict: bool, group: Any) -> Any:
     """Load a verified local sharded checkpoint into a live (sharded or plain) model and optimizer.
 
     DCP reshards the shards to the model's current placements; ``full_model`` (the weights of a
@@ -377,8 +402,13 @@ def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, tor
                                  options=StateDictOptions(full_state_dict=True, strict=strict))
         else:
             model_sd = get_model_state_dict(module, options=options)
-            dcp.load(model_sd, storage_reader=HuggingFaceStorageReader(os.path.join(folder, MODEL_DIR)),
+            stored = {k: v for k, v in model_sd.items() if k not in aliases}  # a tied one is loaded once
+            dcp.load(stored, storage_reader=HuggingFaceStorageReader(os.path.join(folder, MODEL_DIR)),
                      process_group=group, no_dist=no_dist, planner=None if strict else _lenient_planner())
+            model_sd.update(stored)
+            for alias, name in aliases.items():
+                if alias in model_sd and name in stored:
+                    model_sd[alias] = stored[name]
             set_model_state_dict(module, model_sd, options=options)
         use_optimizer = optimizer is not None and isinstance(skeleton, dict) and "optimizer" in skeleton
         values: Any = {}

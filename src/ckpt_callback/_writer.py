@@ -28,7 +28,7 @@ from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
 from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
 from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
-from ._sharded import MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
+from ._sharded import ALIASES_FILE, MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
 from ._snapshot import StagingArea
 from ._training import TrainingState
@@ -208,6 +208,8 @@ class Writer:
         ``from_pretrained`` loads, without keeping the model's bytes twice."""
         shards = [e for e in files if e.path.startswith(MODEL_DIR + "/")]
         full = read_model_shards(self.commit.storage, txn.folder, shards)
+        full.update({alias: full[name] for alias, name in (job.sharded.aliases if job.sharded else {}).items()
+                     if name in full})  # tied again: the writer stores them once, as unsharded saves do
         merged = self._write_files(txn, SaveJob(info=job.info, model=full))
         remove_files(self.commit.storage, txn.folder, shards)
         return [e for e in files if e not in shards] + merged
@@ -215,6 +217,8 @@ class Writer:
     def _write_shared(self, txn: Transaction, job: SaveJob, state: ShardedState) -> list[FileEntry]:
         """What rank 0 writes once for all: the training state's JSON part and the extra files."""
         blobs = dict(job.files)
+        if state.aliases and not job.consolidate:
+            blobs[ALIASES_FILE] = (json.dumps(state.aliases, indent=2, sort_keys=True) + "\n").encode()
         if state.skeleton is not None:
             doc, _ = TrainingState(state.skeleton, {}).to_files(step=job.info.step, epoch=job.info.epoch)
             blobs[TRAINING_STATE_FILE] = doc
