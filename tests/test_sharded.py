@@ -143,23 +143,98 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path)
     assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-6"]
 
 
-def test_load_of_a_sharded_checkpoint_checks_every_file(tmp_path: Path):
-    root = str(tmp_path / "r")
-    run(tmp_path, "train", root, "2")
-    manager = CheckpointManager(root)
-    shard = next(Path(root, "checkpoint-2", "sharded").iterdir())
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+SINGLE_RANK = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from ckpt_callback import CheckpointManager
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+model = fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(1, 4)).sum().backward(); opt.step()
+CheckpointManager(sys.argv[1]).save(model, step=1, optimizer=opt)
+dist.destroy_process_group()
+"""
+
+
+def single_rank_checkpoint(root: Path) -> Path:
+    """A sharded (FSDP2, one rank) checkpoint made in a fresh process; its folder."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_python(SINGLE_RANK, str(root), str(port))
+    return root / "checkpoint-1"
+
+
+def reseal(folder: Path, rel: str, data: bytes) -> None:
+    """Replace file ``rel`` and its size and sha256 in the sidecar: what a hostile writer can do."""
+    import hashlib
+
+    (folder / rel).write_bytes(data)
+    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    for entry in sidecar["files"]:
+        if entry["path"] == rel:
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    sidecar["size"] = sum(entry["size"] for entry in sidecar["files"])
+    (folder / "checkpoint.json").write_text(json.dumps(sidecar))
+
+
+def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
     from ckpt_callback import CorruptCheckpointError
 
+    folder = single_rank_checkpoint(tmp_path)
+    manager = CheckpointManager(str(tmp_path))
+    good = manager.load("checkpoint-1")
+    assert sorted(good) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    shard = next(p for p in (folder / "sharded").iterdir() if p.suffix == ".safetensors")
+    original = shard.read_bytes()
+
+    # a flipped byte: the sha256 check refuses it before DCP reads anything
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
     with pytest.raises(CorruptCheckpointError, match="sha256"):
-        manager.load("checkpoint-2")
-    shard.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))  # back as it was
-    assert torch.equal(manager.load("checkpoint-2")["4.bias"], manager.load("checkpoint-2")["4.bias"])
-    Path(shard.parent, "shard-00009-model-00001-of-00001.safetensors").write_bytes(shard.read_bytes())
+        manager.load("checkpoint-1")
+    shard.write_bytes(original)
+
+    # an unlisted shard beside the others would be read by DCP: refused
+    (folder / "sharded" / "shard-00009-model-00001-of-00001.safetensors").write_bytes(original)
     with pytest.raises(CorruptCheckpointError, match="not listed"):
-        manager.load("checkpoint-2")
+        manager.load("checkpoint-1")
+    (folder / "sharded" / "shard-00009-model-00001-of-00001.safetensors").unlink()
+
+    # offsets that point outside the tensor, sealed with a matching hash: a clear error, no traceback
+    from safetensors import safe_open
+
+    with safe_open(str(shard), "pt") as f:
+        metadata = f.metadata()
+    info = json.loads(metadata["DCP_SHARDING_INFO"])
+    info["0.weight"]["saved_offsets"] = [1000, 0]
+    evil = {**metadata, "DCP_SHARDING_INFO": json.dumps(info)}
+    save_file(load_file(str(shard)), str(tmp_path / "evil"), metadata=evil)
+    reseal(folder, f"sharded/{shard.name}", (tmp_path / "evil").read_bytes())
+    with pytest.raises(CorruptCheckpointError, match="do not cover its shape"):
+        manager.load("checkpoint-1")
+    reseal(folder, f"sharded/{shard.name}", original)
+    assert torch.equal(manager.load("checkpoint-1")["0.weight"], good["0.weight"])
+
+    # tied-weight names that point nowhere
+    (folder / "sharded" / "aliases.json").write_text("{}")
+    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    sidecar["files"].append({"path": "sharded/aliases.json", "size": 2, "sha256": "0" * 64})
+    sidecar["size"] += 2
+    (folder / "checkpoint.json").write_text(json.dumps(sidecar))
+    reseal(folder, "sharded/aliases.json", b'{"lm_head.weight": "missing.weight"}')
+    with pytest.raises(CorruptCheckpointError):
+        manager.load("checkpoint-1")
+    reseal(folder, "sharded/aliases.json", b'["not", "a", "map"]')
+    with pytest.raises(CorruptCheckpointError):
+        manager.load("checkpoint-1")
 
 
 def test_a_consolidated_final_loads_with_from_pretrained_and_a_sharded_one_says_it_does_not(tmp_path: Path):

@@ -396,6 +396,9 @@ def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, tor
     no_dist = distributed.world_size() == 1
     options = StateDictOptions(strict=strict)
     with _dcp_errors(folder), warnings.catch_warnings():
+        for sub in (MODEL_DIR, OPTIMIZER_DIR):  # before DCP fills live tensors from them
+            if (full_model is None or sub == OPTIMIZER_DIR) and os.path.isdir(os.path.join(folder, sub)):
+                _tensor_metadata(os.path.join(folder, sub))
         warnings.filterwarnings("ignore", message=".*single process.*")
         if full_model is not None:
             set_model_state_dict(module, cast(Any, full_model),
@@ -436,8 +439,34 @@ def _tensor_metadata(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]
     for key, m in HuggingFaceStorageReader(path).read_metadata().state_dict_metadata.items():
         if not isinstance(m, TensorStorageMetadata):
             raise CorruptCheckpointError(f"{path}: {key!r} is not a tensor")
-        found[key] = (tuple(m.size), m.properties.dtype)
+        shape = tuple(m.size)
+        _check_chunks(path, key, shape, [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks])
+        found[key] = (shape, m.properties.dtype)
     return found
+
+
+def _check_chunks(path: str, key: str, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], ...]]) -> None:
+    """The shards of tensor ``key`` cover it exactly once (offsets come from untrusted files: a gap
+    would leave uninitialized memory in what `load` returns, an overlap would mix two shards)."""
+    def volume(sizes: tuple[int, ...]) -> int:
+        total = 1
+        for n in sizes:
+            total *= n
+        return total
+
+    def overlap(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> bool:
+        return all(o1 < o2 + s2 and o2 < o1 + s1 for o1, s1, o2, s2 in zip(a[0], a[1], b[0], b[1], strict=True))
+
+    bad = any(len(off) != len(shape) or len(sizes) != len(shape) for off, sizes in chunks)
+    bad = bad or sum(volume(sizes) for _, sizes in chunks) != volume(shape)
+    bad = bad or any(o < 0 or n < 0 or o + n > dim for off, sizes in chunks
+                     for o, n, dim in zip(off, sizes, shape, strict=True))
+    if not bad and len(chunks) <= 4096:
+        nonempty = [c for c in chunks if volume(c[1])]
+        bad = any(overlap(a, b) for i, a in enumerate(nonempty) for b in nonempty[i + 1:])
+    if bad:
+        raise CorruptCheckpointError(f"{path}: the shards of {key!r} do not cover its shape {list(shape)} "
+                                     "exactly once; the checkpoint is corrupt")
 
 
 def _lenient_planner() -> Any:
