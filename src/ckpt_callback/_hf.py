@@ -274,6 +274,10 @@ class CheckpointCallback(TrainerCallback):
                            self.manager.root, self.manager.monitor[0])
             return
         module = unwrap_model(model)
+        if is_sharded(module.state_dict()):  # every rank loads its own shards of it
+            self.manager.restore(best.name, model=module, rng=False)
+            logger.info("loaded the best checkpoint %s (step %d) into the model", best.name, best.step)
+            return
         state = self.manager.load(best.name)
         result = module.load_state_dict(state, strict=False)
         live = module.state_dict()
