@@ -7,8 +7,9 @@
         build a fresh model (FSDP2 or tensor parallel at this world size, or --plain: unsharded),
         restore NAME into it with its optimizer; report the same digest.
 
-Faults, from the environment: CKPT_TEST_KILL=RANK:STEP SIGKILLs that rank right after DCP wrote its
-shards of the save at STEP; CKPT_TEST_FAIL=RANK:STEP makes that rank's write fail (an OSError).
+Faults, from the environment: CKPT_TEST_KILL=RANK:STEP[:before|after] SIGKILLs that rank right after
+(or before) DCP writes its shards of the save at STEP; CKPT_TEST_FAIL=RANK:STEP makes that rank's write
+fail (an OSError).
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def inject_faults(rank: int) -> None:
     def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
         if fail and fail == f"{rank}:{CURRENT_STEP}":
             raise OSError(28, "No space left on device (injected)")
+        if kill and kill == f"{rank}:{CURRENT_STEP}:before":
+            os.kill(os.getpid(), signal.SIGKILL)
         result = original(self, plan, planner)
-        if kill and kill == f"{rank}:{CURRENT_STEP}":
+        if kill and kill in (f"{rank}:{CURRENT_STEP}", f"{rank}:{CURRENT_STEP}:after"):
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 

@@ -10,6 +10,7 @@ fails leaves no listed checkpoint and no hang.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,20 @@ def test_tensor_parallel_model_saves_and_loads_everywhere(tmp_path: Path):
                                                                            "Shard(dim=1)"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_rank_killed_mid_save_leaves_nothing_listed(backend: str, tmp_path: Path,
+# Which rank dies, and when: after its shards are written (rank 1, or rank 0 which began the save),
+# or before. By default one per backend; CKPT_SHARDED_KILL_TRIALS=all runs every one.
+KILLS = ["1:4:after", "0:4:after", "1:4:before", "0:4:before"]
+KILL_TRIALS = [(b, k) for b in BACKENDS for k in (KILLS if os.environ.get("CKPT_SHARDED_KILL_TRIALS") == "all"
+                                                  else KILLS[:1] if b == "s3" else KILLS[1:2])]
+
+
+@pytest.mark.parametrize(("backend", "kill"), KILL_TRIALS)
+def test_one_rank_killed_mid_save_leaves_nothing_listed(backend: str, kill: str, tmp_path: Path,
                                                         request: pytest.FixtureRequest):
     options = s3_options(request, backend)
     root = make_root(backend, tmp_path / "r", request)
     returncode, output, reports = run(tmp_path, "train", root, "8", options=options, ok=False,
-                                      env={"CKPT_TEST_KILL": "1:4"})
+                                      env={"CKPT_TEST_KILL": kill})
     assert returncode != 0 and not reports, output[-3000:]  # torchrun stopped the job when rank 1 died
     manager = CheckpointManager(root, storage_options=options)
     assert [i.name for i in manager.list(sort_by="step", order="asc")] == ["checkpoint-2"]

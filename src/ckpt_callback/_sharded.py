@@ -24,6 +24,7 @@ A sharded checkpoint folder::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -38,7 +39,7 @@ import torch
 
 from . import _distributed as distributed
 from ._errors import CorruptCheckpointError, InvalidArgumentError, SaveError
-from ._serialization import flatten_state, unflatten_state
+from ._serialization import ParallelDigest, flatten_state, unflatten_state
 from ._sidecar import FileEntry, Sharding
 from ._storage import Storage, fsync_dir
 from ._training import TrainingState
@@ -50,6 +51,7 @@ OPTIMIZER_DIR = "optimizer"
 RANKS_DIR = "ranks"
 ALIASES_FILE = f"{MODEL_DIR}/aliases.json"  # tied weights: {dropped name: kept name}, stored once
 _BLOCK = 8 << 20
+_CHUNK = 16 << 20
 
 
 def _dtensor_type() -> Any:
@@ -171,19 +173,27 @@ class ShardedState:
 # --- writing ------------------------------------------------------------------------------------
 
 
+_HASHER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-shard-hash")
+
+
 class _HashingStream:
-    """A file DCP writes through: every byte is hashed on its way out."""
+    """A file DCP writes through: every byte is hashed on its way out, beside the write.
+
+    DCP hands over each file as one buffer; it goes out in chunks while a second thread hashes
+    the chunks already written (both release the GIL)."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.digest = hashlib.sha256()
+        self.digest = ParallelDigest(_HASHER)
         self.size = 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.digest.update(view)
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start:start + _CHUNK]
+            self.raw.write(chunk)
+            self.digest.update(chunk)
         self.size += len(view)
-        self.raw.write(view)
         return len(view)
 
     def __getattr__(self, name: str) -> Any:  # tell, fileno, flush, close...
