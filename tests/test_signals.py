@@ -46,7 +46,7 @@ LOOP = textwrap.dedent(
         write = _storage.Storage.write_stream
         def slow(self, rel, produce):
             print("writing", rel, flush=True)
-            time.sleep(0.4)
+            time.sleep(0.25)
             return write(self, rel, produce)
         _storage.Storage.write_stream = slow
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) if ending == "usr1" else (signal.SIGTERM, signal.SIGINT)
@@ -55,7 +55,7 @@ LOOP = textwrap.dedent(
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     pause = 0.5 if ending == "sigint-twice" else 0.005
     with CheckpointHook(root, model, optimizer=opt, every_n_steps=5, keep_last=2, save_on_signals=signals,
-                        async_save=ending == "async") as hook:
+                        async_save=ending == "async", check_requests_every=0.1) as hook:
         for step in range(1, 100_000):
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward(); opt.step(); opt.zero_grad()
