@@ -220,11 +220,15 @@ def wait_line(proc: subprocess.Popen[str], out: Path, prefix: str, timeout: floa
         time.sleep(0.02)
 
 
-def test_hf_trainer_sigterm_after_a_request_and_sigusr1_during_evaluation(tmp_path: Path):
-    # Both runs at once: a fresh interpreter importing transformers is the slow part.
+def test_hf_trainer_sigterm_after_a_request_sigusr1_during_evaluation_and_a_stop_request(tmp_path: Path):
+    # The three runs at once: a fresh interpreter importing transformers is the slow part.
     term, term_root, term_out = start_hf(tmp_path, "term", "train")
     usr1, usr1_root, usr1_out = start_hf(tmp_path, "usr1", "eval")
+    stop, stop_root, stop_out = start_hf(tmp_path, "stop", "train")
     try:
+        wait_line(stop, stop_out, "step 5")
+        final = CheckpointManager(stop_root).request(stop=True).wait(60)
+        assert stop.wait(60) == 0, stop_out.read_text()[-3000:]
         wait_line(term, term_out, "step 3")
         asked = CheckpointManager(term_root).request(name="asked-mid-run", description="from the test").wait(60)
         wait_line(term, term_out, f"step {asked.step + 2}")
@@ -234,7 +238,7 @@ def test_hf_trainer_sigterm_after_a_request_and_sigusr1_during_evaluation(tmp_pa
         assert term.wait(60) == -signal.SIGTERM, term_out.read_text()[-3000:]
         assert usr1.wait(60) == -signal.SIGUSR1, usr1_out.read_text()[-3000:]
     finally:
-        for proc in (term, usr1):
+        for proc in (term, usr1, stop):
             if proc.poll() is None:
                 proc.kill()
     # SIGTERM between steps: the final checkpoint is the step reached, and the request got its own
@@ -250,6 +254,11 @@ def test_hf_trainer_sigterm_after_a_request_and_sigusr1_during_evaluation(tmp_pa
     saved = checkpoints(usr1_root)
     assert saved["checkpoint-10"] == ("final", 10, "stopped by SIGUSR1 at step 10")
     assert CheckpointManager(usr1_root).get("final").inference_ready
+    # a stop request: the final checkpoint at the step reached, then train() returns
+    lines = stop_out.read_text().splitlines()
+    reached = max(int(line.split()[1]) for line in lines if line.startswith("step "))
+    assert lines[-1] == "train() returned" and (final.type, final.step) == ("final", reached)
+    assert checkpoints(stop_root)[final.name][2].startswith("stopped by ckpt request req-")
 
 
 # --- torchrun ---------------------------------------------------------------------------------------
@@ -316,3 +325,52 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path
     assert "exitcode  : -15" in output and proc.returncode != 0  # ended as SIGTERM ends a worker
     leftovers = [p.name for p in Path(root).iterdir() if not (p / "checkpoint.json").is_file()]
     assert leftovers in ([], [".ckpt-requests"]), leftovers
+
+
+# --- the handler itself (in this process, with SIGUSR1) ----------------------------------------------
+
+
+def test_the_handler_notes_chains_the_previous_one_and_restores_it():
+    from ckpt_callback._signals import SignalWatch
+
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        user = signal.getsignal(signal.SIGUSR1)
+        watch = SignalWatch([signal.SIGUSR1])
+        watch.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.received == signal.SIGUSR1 and seen == [signal.SIGUSR1]  # noted, and theirs still ran
+        watch.restore()
+        assert signal.getsignal(signal.SIGUSR1) is user
+        with pytest.raises(SystemExit) as stopped:  # theirs ran already; the run ends as a signalled one
+            watch.stop(signal.SIGUSR1)
+        assert stopped.value.code == 128 + signal.SIGUSR1
+
+        again = SignalWatch([signal.SIGUSR1])
+        again.install()
+        mine = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the user takes the signal over after us
+        again.restore()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL and mine == again._handle  # theirs is kept
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_ignored_signal_is_left_alone_and_a_thread_installs_nothing(caplog: pytest.LogCaptureFixture):
+    import threading
+
+    from ckpt_callback._signals import SignalWatch
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        SignalWatch([signal.SIGUSR1]).install()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=lambda: SignalWatch([signal.SIGTERM]).install())
+    with caplog.at_level("WARNING", logger="ckpt_callback"):
+        thread.start()
+        thread.join()
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "only be installed from the main thread" in caplog.text

@@ -93,10 +93,9 @@ class SignalWatch:
         """Put back the handlers found at `install` (unless the user replaced ours meanwhile)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig, previous in self._previous.items():
+        for sig, previous in self._previous.items():  # kept: `stop` still needs to know them
             if signal.getsignal(sig) == self._handle:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         # No logging or I/O here: this runs between two bytecodes of whatever the main thread does.
