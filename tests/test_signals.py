@@ -280,7 +280,7 @@ TORCHRUN_SCRIPT = textwrap.dedent(
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     out = open(os.path.join(os.environ["REPORT_DIR"], f"steps-{rank}"), "w")
     with CheckpointHook(sys.argv[1], model, optimizer=opt, every_n_steps=5, keep_last=2,
-                        check_requests_every=0.1) as hook:
+                        check_requests_every=0.1, async_save=sys.argv[2] == "async") as hook:
         for step in range(1, 100_000):
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward(); opt.step(); opt.zero_grad()
@@ -293,6 +293,7 @@ TORCHRUN_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("who", ["one", "all"])
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path, who: str):
+    # SIGTERM to rank 1 only, with background saves; or to both ranks, after a request all ranks served
     from test_distributed import LAUNCH, kill_launch
 
     script, root = tmp_path / "train.py", str(tmp_path / "ckpts")
@@ -303,7 +304,8 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "REPORT_DIR": str(reports), LAUNCH: launch}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), root], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             str(script), root, "async" if who == "one" else "sync"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -311,6 +313,10 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path
                       for r in (0, 1)):
             assert proc.poll() is None and time.monotonic() < deadline, kill_launch(proc, launch)[-4000:]
             time.sleep(0.05)
+        asked, asked_id = None, ""
+        if who == "all":  # a request first: rank 0 takes it, both ranks save it at the same step
+            ask = CheckpointManager(root).request(name="asked")
+            asked, asked_id = ask.wait(60), ask.id
         pids = [int((reports / f"pid-{r}").read_text()) for r in ((1,) if who == "one" else (0, 1))]
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
@@ -323,6 +329,9 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path
     saved = checkpoints(root)
     assert saved[f"checkpoint-{reached[0]}"] == ("final", reached[0], f"stopped by SIGTERM at step {reached[0]}")
     assert "exitcode  : -15" in output and proc.returncode != 0  # ended as SIGTERM ends a worker
+    if asked is not None:
+        assert saved["asked"][:2] == ("manual", asked.step) and asked.step < reached[0]
+        assert saved["asked"][2] == f"requested by ckpt request {asked_id} at step {asked.step}"
     leftovers = [p.name for p in Path(root).iterdir() if not (p / "checkpoint.json").is_file()]
     assert leftovers in ([], [".ckpt-requests"]), leftovers
 

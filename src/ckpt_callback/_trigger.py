@@ -128,6 +128,8 @@ class Interrupts:
     def check(self, *, look: bool) -> Interruption | None:
         """What interrupts the run at this step boundary, the same on every rank (one collective when
         distributed). ``look``: this process reads requests (the writer, rank 0), when one is due."""
+        if not self.watch.signals and self.channel is None:  # both turned off: not even a collective
+            return None
         signum = self.watch.received or 0
         request = None
         if look and not signum and self.channel is not None and self._due():
