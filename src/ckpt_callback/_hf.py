@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ._distributed import barrier, from_rank0
+from ._distributed import barrier
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
@@ -191,6 +191,8 @@ class CheckpointCallback(TrainerCallback):
                 self.interrupts.watch.stop(event.signum)  # ends the process as the signal would have
         else:
             self._save(args, state, control, kwargs, "final", description=f"training ended at step {step}")
+            if self.interrupts.watch.received is not None:  # it came during that save: stop as it would have
+                self.interrupts.watch.stop(self.interrupts.watch.received)
         self.interrupts.restore()
         self._check_monitor(state.log_history)
         load_best = args.load_best_model_at_end if self.load_best_at_end is None else self.load_best_at_end
@@ -208,7 +210,7 @@ class CheckpointCallback(TrainerCallback):
         if event is None:
             return
         if not event.stop:
-            self._manual(args, state, control, kwargs, event)
+            self._serve(args, state, control, kwargs, event)  # a failure went to the requester and the log
             return
         self._due = False  # the final checkpoint covers it
         if not self._final(args, state, control, kwargs, event):
@@ -221,34 +223,18 @@ class CheckpointCallback(TrainerCallback):
             self.interrupts.watch.stop(event.signum)
 
     def _final(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], event: Interruption) -> bool:
-        """The final checkpoint of an interrupted run; False for a stop request that failed on the writer."""
-        step, writer = state.global_step, self.manager.writer
-        self.interrupts.accepted(event, step, writer=writer)
-        info, error = None, None
-        try:
-            info = self._save(args, state, control, kwargs, "final", name=event.name,
-                              description=event.description(step))
-        except CheckpointError as exc:
-            error = exc
-            logger.error("the final checkpoint at step %d was not saved: %s", step, exc)
-        self.interrupts.answer(event, writer=writer, step=step, info=info, error=error)
-        ok = bool(from_rank0(error is None)) or event.signum is not None
+        """The final checkpoint of an interrupted run; False for a stop request that failed."""
+        ok = self._serve(args, state, control, kwargs, event) or event.signum is not None
         if ok:
-            self._final_step = step
+            self._final_step = state.global_step
         return ok
 
-    def _manual(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], event: Interruption) -> None:
-        step, writer = state.global_step, self.manager.writer
-        self.interrupts.accepted(event, step, writer=writer)
-        info, error = None, None
-        try:
-            info = self._save(args, state, control, kwargs, "manual", name=event.name,
-                              description=event.description(step))
-            info = self.manager.wait() or info
-        except CheckpointError as exc:  # a taken name, a failed write: the requester hears of it
-            error = exc
-            logger.error("the requested checkpoint at step %d was not saved: %s", step, exc)
-        self.interrupts.answer(event, writer=writer, step=step, info=info, error=error)
+    def _serve(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], event: Interruption) -> bool:
+        def save(type: str, name: str | None, description: str) -> CheckpointInfo | None:
+            info = self._save(args, state, control, kwargs, type, name=name, description=description)
+            return self.manager.wait() or info
+
+        return self.interrupts.serve(event, state.global_step, writer=self.manager.writer, save=save)
 
     def _schedule(self, state: Any, control: Any) -> None:
         """Note a due save and stop the Trainer from writing its own checkpoint."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ._distributed import barrier, from_rank0
+from ._distributed import barrier
 from ._errors import CheckpointError
 from ._layout import default_name
 from ._manager import CheckpointManager
@@ -129,7 +129,7 @@ class CheckpointHook:
             except CheckpointError as exc:
                 logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(step), step, exc)
         if event is not None and not event.stop:
-            self._requested(event)
+            self._serve(event)  # a failure went to the requester and the log; training goes on
         return saved
 
     def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
@@ -165,10 +165,13 @@ class CheckpointHook:
         if event is not None and event.signum is not None:
             self._stop(event)
         try:
-            return self._save("final", description=description or f"training ended at step {self._step}")
+            info = self._save("final", description=description or f"training ended at step {self._step}")
         finally:
             self.interrupts.restore()
             self.manager.close()
+        if self.interrupts.watch.received is not None:  # it came during that save: stop as it would have
+            self.interrupts.watch.stop(self.interrupts.watch.received)
+        return info
 
     def wait(self) -> CheckpointInfo | None:
         """Block until a background save is committed."""
@@ -178,39 +181,24 @@ class CheckpointHook:
         """Save the final checkpoint of an interrupted run (a background save is committed first),
         then stop: as the signal would have, or (a stop request) with ``SystemExit(0)``. Returns
         only for a stop request whose save failed: training goes on."""
-        step, writer = self._step, self.manager.writer
-        self.interrupts.accepted(event, step, writer=writer)
-        info, error = None, None
-        try:
-            info = self._save("final", name=event.name, description=event.description(step))
-            info = self.manager.wait() or info  # with async_save: committed before the process goes
-        except CheckpointError as exc:
-            error = exc
-            logger.error("the final checkpoint at step %d was not saved: %s", step, exc)
-        self.interrupts.answer(event, writer=writer, step=step, info=info, error=error)
-        if event.signum is None and not from_rank0(error is None):  # a failed stop request: every rank goes on
+        if not self._serve(event) and event.signum is None:
             return None
         self._ended = True
-        with contextlib.suppress(CheckpointError):  # waited for above; nothing may keep the run from stopping
+        with contextlib.suppress(CheckpointError):  # waited for already; nothing may keep the run from stopping
             self.manager.close()
         if event.signum is not None:
             self.interrupts.watch.stop(event.signum)
         self.interrupts.restore()
-        logger.warning("stopping at step %d as requested (%s)", step, event.request.id if event.request else "")
+        logger.warning("stopping at step %d as requested (%s)", self._step, event.request.id if event.request else "")
         raise SystemExit(0)
 
-    def _requested(self, event: Interruption) -> None:
-        """Save the manual checkpoint asked for from outside; its outcome goes back to the requester."""
-        step, writer = self._step, self.manager.writer
-        self.interrupts.accepted(event, step, writer=writer)
-        info, error = None, None
-        try:
-            info = self._save("manual", name=event.name, description=event.description(step))
-            info = self.manager.wait() or info
-        except CheckpointError as exc:  # a taken name, a failed write: the requester hears of it, training goes on
-            error = exc
-            logger.error("the requested checkpoint at step %d was not saved: %s", step, exc)
-        self.interrupts.answer(event, writer=writer, step=step, info=info, error=error)
+    def _serve(self, event: Interruption) -> bool:
+        """Save the checkpoint ``event`` asks for, committed (with async_save too); whether it was."""
+        def save(type: str, name: str | None, description: str) -> CheckpointInfo | None:
+            info = self._save(type, name=name, description=description)
+            return self.manager.wait() or info
+
+        return self.interrupts.serve(event, self._step, writer=self.manager.writer, save=save)
 
     def _save(self, type: str, *, name: str | None = None, description: str | None = None) -> CheckpointInfo | None:
         pending = self._pending_eval.pop(self._step, {})

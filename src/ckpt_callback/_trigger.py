@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -151,27 +151,36 @@ class Interrupts:
         self._looked = now
         return True
 
-    def accepted(self, event: Interruption, step: int, *, writer: bool) -> None:
-        """Log the interruption and tell the requester the step it will be saved at."""
+    def serve(self, event: Interruption, step: int, *, writer: bool,
+              save: Callable[[str, str | None, str], CheckpointInfo | None]) -> bool:
+        """Save what ``event`` asks for at ``step`` with ``save(type, name, description)`` (on every
+        rank), tell the requester how it went; whether it was saved, as every rank sees it.
+
+        A failure is logged (and sent to the requester), never raised: training must not die of a
+        request, and a signal's stop must not be kept from happening.
+        """
         if event.signum is not None:
             logger.warning("received %s: saving a final checkpoint at step %d, then stopping",
                            signal_name(event.signum), step)
         elif event.request is not None:
             logger.warning("checkpoint request %s: saving a %s checkpoint at step %d%s", event.request.id,
                            event.type, step, ", then stopping" if event.stop else "")
-        if writer and event.request is not None and self.channel is not None:
+        channel = self.channel if writer and event.request is not None else None
+        if channel is not None and event.request is not None:
             with contextlib.suppress(CheckpointError):
-                self.channel.accepted(event.request, step)
-
-    def answer(self, event: Interruption, *, writer: bool, step: int, info: CheckpointInfo | None = None,
-               error: BaseException | None = None) -> None:
-        """Record the outcome of the request behind ``event`` (if any); never raises."""
-        if not writer or event.request is None or self.channel is None:
-            return
+                channel.accepted(event.request, step)
+        info, error = None, None
         try:
-            self.channel.answer(event.request, info=info, error=error, step=step)
-        except CheckpointError as exc:
-            logger.error("could not record the outcome of checkpoint request %s: %s", event.request.id, exc)
+            info = save(event.type, event.name, event.description(step))
+        except CheckpointError as exc:  # a taken name, a failed write
+            error = exc
+            logger.error("the %s checkpoint at step %d was not saved: %s", event.type, step, exc)
+        if channel is not None and event.request is not None:
+            try:
+                channel.answer(event.request, info=info, error=error, step=step)
+            except CheckpointError as exc:
+                logger.error("could not record the outcome of checkpoint request %s: %s", event.request.id, exc)
+        return bool(from_rank0(error is None))
 
 
 def _max_over_ranks(*values: int) -> tuple[int, ...]:
