@@ -124,8 +124,10 @@ def test_sigterm_during_a_background_save_keeps_it_and_saves_the_final_one(
     assert written_before < files, "the background save had ended before the signal; the test proves nothing"
 
 
-def test_first_ctrl_c_saves_a_final_checkpoint_then_raises_keyboard_interrupt(spawner: TrialSpawner, tmp_path: Path):
-    root = str(tmp_path / "ckpts")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_ctrl_c_saves_a_final_checkpoint_then_raises_keyboard_interrupt(
+        spawner: TrialSpawner, tmp_path: Path, request: pytest.FixtureRequest, backend: str):
+    root = make_root(backend, tmp_path, request)
     proc = run_until(spawner, root, "sigint-once", "step 6")
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(60) != 0
@@ -134,8 +136,10 @@ def test_first_ctrl_c_saves_a_final_checkpoint_then_raises_keyboard_interrupt(sp
     assert "KeyboardInterrupt" in proc.stderr() and "after the with block" not in proc.stdout()
 
 
-def test_second_ctrl_c_interrupts_at_once_without_a_final_checkpoint(spawner: TrialSpawner, tmp_path: Path):
-    root = str(tmp_path / "ckpts")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_ctrl_c_interrupts_at_once_without_a_final_checkpoint(
+        spawner: TrialSpawner, tmp_path: Path, request: pytest.FixtureRequest, backend: str):
+    root = make_root(backend, tmp_path, request)
     proc = run_until(spawner, root, "sigint-twice", "step 6")  # each step then sleeps 0.5 s
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.1)  # the first is noted (the loop sleeps meanwhile) before the second comes
@@ -153,9 +157,10 @@ def test_second_ctrl_c_interrupts_at_once_without_a_final_checkpoint(spawner: Tr
     ("break", 0, ("final", 7, "training ended at step 7")),
     ("crash", 1, None),
 ])
-def test_leaving_the_with_block(spawner: TrialSpawner, tmp_path: Path, ending: str, code: int,
-                                final: tuple[str, int, str] | None):
-    root = str(tmp_path / "ckpts")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leaving_the_with_block(spawner: TrialSpawner, tmp_path: Path, request: pytest.FixtureRequest, backend: str,
+                                ending: str, code: int, final: tuple[str, int, str] | None):
+    root = make_root(backend, tmp_path, request)
     proc = spawner.spawn(LOOP, root, ending)
     assert proc.wait(60) == code, proc.describe()
     saved = checkpoints(root)
