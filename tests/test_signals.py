@@ -53,7 +53,6 @@ LOOP = textwrap.dedent(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    pause = 0.5 if ending == "sigint-twice" else 0.005
     with CheckpointHook(root, model, optimizer=opt, every_n_steps=5, keep_last=2, save_on_signals=signals,
                         async_save=ending == "async", check_requests_every=0.1) as hook:
         for step in range(1, 100_000):
@@ -69,7 +68,7 @@ LOOP = textwrap.dedent(
                 break
             if step == 7 and ending == "crash":
                 raise ValueError("a bug in the training loop")
-            time.sleep(pause)
+            time.sleep(0.5 if ending == "sigint-twice" and step >= 6 else 0.005)
     print("after the with block", flush=True)
     """
 )
@@ -140,7 +139,7 @@ def test_first_ctrl_c_saves_a_final_checkpoint_then_raises_keyboard_interrupt(
 def test_second_ctrl_c_interrupts_at_once_without_a_final_checkpoint(
         spawner: TrialSpawner, tmp_path: Path, request: pytest.FixtureRequest, backend: str):
     root = make_root(backend, tmp_path, request)
-    proc = run_until(spawner, root, "sigint-twice", "step 6")  # each step then sleeps 0.5 s
+    proc = run_until(spawner, root, "sigint-twice", "step 6")  # from step 6 on, each step sleeps 0.5 s
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.1)  # the first is noted (the loop sleeps meanwhile) before the second comes
     os.kill(proc.pid, signal.SIGINT)
