@@ -68,7 +68,10 @@ LOOP = textwrap.dedent(
                 break
             if step == 7 and ending == "crash":
                 raise ValueError("a bug in the training loop")
-            time.sleep(0.5 if ending == "sigint-twice" and step >= 6 else 0.005)
+            if ending == "sigint-twice" and step >= 6:
+                print("sleeping after step", step, flush=True)  # hook.step() is done: no boundary for 0.5 s
+                time.sleep(0.5)
+            time.sleep(0.005)
     print("after the with block", flush=True)
     """
 )
@@ -139,7 +142,7 @@ def test_first_ctrl_c_saves_a_final_checkpoint_then_raises_keyboard_interrupt(
 def test_second_ctrl_c_interrupts_at_once_without_a_final_checkpoint(
         spawner: TrialSpawner, tmp_path: Path, request: pytest.FixtureRequest, backend: str):
     root = make_root(backend, tmp_path, request)
-    proc = run_until(spawner, root, "sigint-twice", "step 6")  # from step 6 on, each step sleeps 0.5 s
+    proc = run_until(spawner, root, "sigint-twice", "sleeping after step 6")
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.1)  # the first is noted (the loop sleeps meanwhile) before the second comes
     os.kill(proc.pid, signal.SIGINT)
