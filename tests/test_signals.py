@@ -41,7 +41,7 @@ LOOP = textwrap.dedent(
 
     warnings.simplefilter("ignore", CheckpointWarning)
     root, ending = sys.argv[1], sys.argv[2]
-    slow_writes = ending == "async"
+    slow_writes = ending in ("async", "break-slow")
     if slow_writes:  # make the background save last long enough to be signalled half-way
         write = _storage.Storage.write_stream
         def slow(self, rel, produce):
@@ -64,7 +64,7 @@ LOOP = textwrap.dedent(
                 print("returned", saved.name, flush=True)
             if step == 7 and ending == "exit":
                 sys.exit(3)
-            if step == 7 and ending == "break":
+            if step == 7 and ending in ("break", "break-slow"):
                 break
             if step == 7 and ending == "crash":
                 raise ValueError("a bug in the training loop")
@@ -172,6 +172,21 @@ def test_leaving_the_with_block(spawner: TrialSpawner, tmp_path: Path, request: 
         assert "ValueError" in proc.stderr() and saved["checkpoint-5"][:2] == ("automatic", 5)
         assert "training ended with ValueError at step 7: no final checkpoint saved (the last one saved by " \
                "this run is checkpoint-5)" in proc.stderr()
+
+
+def test_sigterm_during_the_final_save_of_a_finished_run_ends_the_process_after_it(spawner: TrialSpawner,
+                                                                                    tmp_path: Path):
+    root = str(tmp_path / "ckpts")
+    proc = spawner.spawn(LOOP, root, "break-slow")
+    proc.wait_for("step 7", timeout=60)
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("writing") for line in proc.lines()[proc.lines().index("step 7"):]):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.describe()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # the loop is over; end() is writing the final checkpoint
+    assert proc.wait(60) == -signal.SIGTERM, proc.describe()
+    assert checkpoints(root)["checkpoint-7"] == ("final", 7, "training ended at step 7")
+    assert "after the with block" not in proc.stdout()
 
 
 # --- HF Trainer -----------------------------------------------------------------------------------
