@@ -17,12 +17,13 @@ from ._errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     InvalidNameError,
+    RequestTimeoutError,
     SaveError,
     SidecarError,
     StorageError,
 )
 from ._hook import CheckpointHook
-from ._manager import CheckpointManager, VerifyResult
+from ._manager import CheckpointManager, CheckpointRequest, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry
 
@@ -41,12 +42,14 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointPage",
+    "CheckpointRequest",
     "CheckpointSummary",
     "CheckpointWarning",
     "CorruptCheckpointError",
     "FileEntry",
     "InvalidArgumentError",
     "InvalidNameError",
+    "RequestTimeoutError",
     "RetentionPolicy",
     "SaveError",
     "SavePolicy",

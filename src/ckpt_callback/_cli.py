@@ -1,4 +1,4 @@
-"""The ``ckpt`` command: list, inspect, verify, download, url, delete, prune and plot checkpoints.
+"""The ``ckpt`` command: list, inspect, verify, download, url, delete, prune, request and plot checkpoints.
 
 A thin layer over `CheckpointManager`: each command parses its options, makes one or two
 manager calls and formats what comes back. `main` turns errors into one line on stderr and
@@ -264,7 +264,7 @@ def inspect_document(info: CheckpointInfo, manager: CheckpointManager) -> dict[s
 @click.version_option(package_name="ckpt-callback", prog_name="ckpt")
 @_debug_option
 def cli() -> None:
-    """List, inspect, verify, download, sign, delete, prune and plot checkpoints under ROOT.
+    """List, inspect, verify, download, sign, delete, prune, request and plot checkpoints under ROOT.
 
     ROOT is a local folder or an fsspec URL (s3://bucket/run, gs://..., memory://...).
     Wherever NAME is taken, 'latest', 'best' and 'final' work too, and so does a checkpoint id.
@@ -446,6 +446,44 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
         click.echo(f"{verb} {_describe(info)}")
     freed = human_size(sum(i.size for i in doomed))
     click.echo(f"{verb} {_count(len(doomed))} ({freed})" if doomed else "nothing to prune")
+    return EXIT_OK
+
+
+@cli.command("request")
+@click.argument("root")
+@click.option("--name", default=None, help="Name of the checkpoint (default: checkpoint-STEP).")
+@click.option("--description", default=None, help="Free text for its sidecar.")
+@click.option("--stop", is_flag=True, help="Ask for a final checkpoint and a clean stop of the job (cancel it).")
+@click.option("--wait", is_flag=True, help="Wait until the job saved it; exit 1 if it could not.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True, metavar="SECONDS",
+              help="With --wait: how long to wait; a request no job took by then is withdrawn.")
+@click.option("--json", "as_json", is_flag=True, help="Print the request (or with --wait the checkpoint) as JSON.")
+@_root_options
+def request_command(root: str, name: str | None, description: str | None, stop: bool, wait: bool, timeout: float,
+                    as_json: bool) -> int:
+    """Ask the running job writing ROOT for a checkpoint now.
+
+    The job (its CheckpointHook or CheckpointCallback) looks for requests every 10 s by default,
+    saves a manual checkpoint at its next step boundary (with --stop a final one, then it stops)
+    and records the outcome, which --wait prints. The request travels through ROOT itself, so
+    this works from any machine that can write ROOT.
+    """
+    manager = _manager(root)
+    request = manager.request(name=name, description=description, stop=stop)
+    if not wait:
+        if as_json:
+            click.echo(json.dumps(request.to_json(), indent=2))
+        else:
+            click.echo(f"requested a {'final' if stop else 'manual'} checkpoint{' and a stop' if stop else ''} "
+                       f"({request.id}); the job takes it at its next look (every 10 s by default)")
+        return EXIT_OK
+    if not as_json:
+        click.echo(f"requested {request.id}; waiting for the job (up to {timeout:g}s)", err=True)
+    info = request.wait(timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2))
+    else:
+        click.echo(f"saved {_describe(info)}" + (f": {info.description}" if info.description else ""))
     return EXIT_OK
 
 

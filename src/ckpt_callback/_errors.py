@@ -10,7 +10,8 @@ The hierarchy::
     ├── CorruptCheckpointError (ValueError)           bytes or sidecar do not match
     │   └── SidecarError                              malformed or unknown-schema sidecar
     ├── StorageError (OSError)                        the storage refused or failed
-    └── SaveError (RuntimeError)                      a (background) save failed
+    ├── SaveError (RuntimeError)                      a (background) save failed
+    └── RequestTimeoutError (TimeoutError)            a `ckpt request` got no answer in time
 
 Each also subclasses the built-in exception a caller would already catch, so
 ``except FileNotFoundError`` keeps working around this package.
@@ -25,6 +26,7 @@ __all__ = [
     "CorruptCheckpointError",
     "InvalidArgumentError",
     "InvalidNameError",
+    "RequestTimeoutError",
     "SaveError",
     "SidecarError",
     "StorageError",
@@ -65,3 +67,7 @@ class StorageError(CheckpointError, OSError):
 
 class SaveError(CheckpointError, RuntimeError):
     """A save failed; for background saves this is raised by the next call."""
+
+
+class RequestTimeoutError(CheckpointError, TimeoutError):
+    """A checkpoint request (``ckpt request --wait``) was not answered by the running job in time."""

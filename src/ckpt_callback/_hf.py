@@ -17,7 +17,9 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ._manager import CheckpointManager
 from ._sharded import is_sharded
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
 from ._training import TrainingStateValues, restore_rng, unwrap_model
-from ._trigger import SaveTrigger
+from ._trigger import Interruption, Interrupts, SaveTrigger
 
 __all__ = ["CheckpointCallback"]
 
@@ -47,6 +49,13 @@ class CheckpointCallback(TrainerCallback):
             ``save_strategy`` / ``save_steps`` (the default).
         load_best_at_end: load the best checkpoint's weights into the model when training ends
             (default: ``args.load_best_model_at_end``); works on remote roots too.
+        save_on_signals: on these signals (while training) save a ``final`` checkpoint at the next
+            step boundary or evaluation/prediction step, then stop as the signal would have
+            (SIGTERM ends the process, SIGINT raises KeyboardInterrupt out of ``train()``; a second
+            Ctrl-C interrupts at once). Add ``signal.SIGUSR1`` for SLURM's ``--signal``; ``()``
+            installs no handler.
+        check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0);
+            None: never look. A ``--stop`` request ends ``train()`` normally after the final checkpoint.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
             storage_options, async_save, max_shard_size, writer).
 
@@ -65,10 +74,16 @@ class CheckpointCallback(TrainerCallback):
         every_n_steps: int | None = None,
         every_n_seconds: float | None = None,
         load_best_at_end: bool | None = None,
+        save_on_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+        check_requests_every: float | None = 10.0,
         **manager_options: Any,
     ) -> None:
         self.manager = CheckpointManager(root, **manager_options)
         self.trigger = SaveTrigger(every_n_steps, every_n_seconds)
+        self.interrupts = Interrupts(save_on_signals, self.manager.requests, every=check_requests_every)
+        self._training = False
+        self._stopping: Interruption | None = None  # a signal or stop request: the final checkpoint is due
+        self._final_step: int | None = None  # the step whose final checkpoint was saved already
         self.load_best_at_end = load_best_at_end
         self._writer_given = "writer" in manager_options
         self._due = False  # the Trainer (or our schedule) asked for a save not yet written
@@ -120,6 +135,8 @@ class CheckpointCallback(TrainerCallback):
         self.manager.check_writable()
         self._due = False
         self.trigger.reset()
+        self._stopping, self._final_step, self._training = None, None, True
+        self.interrupts.install()
         if state.global_step > 0:
             self._restore(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
         monitor = self.manager.monitor[0]
@@ -128,6 +145,11 @@ class CheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._schedule(state, control)
+        self._interrupted(args, state, control, kwargs)
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._training:  # an evaluation during training: a long one must not hide a signal
+            self._interrupted(args, state, control, kwargs, evaluating=True)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._rng is not None:
@@ -159,13 +181,61 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._due = False
-        self._save(args, state, control, kwargs, "final")
+        step = state.global_step
+        late = self.interrupts.check(look=False)  # a signal after the last step
+        event = self._stopping or (late if late is not None and late.signum is not None else None)
+        self._training = False
+        if event is not None:
+            if self._final_step != step:
+                self._final(args, state, control, kwargs, event)
+            if event.signum is not None:
+                self.interrupts.watch.stop(event.signum)  # ends the process as the signal would have
+        else:
+            self._save(args, state, control, kwargs, "final", description=f"training ended at step {step}")
+            if self.interrupts.watch.received is not None:  # it came during that save: stop as it would have
+                self.interrupts.watch.stop(self.interrupts.watch.received)
+        self.interrupts.restore()
         self._check_monitor(state.log_history)
         load_best = args.load_best_model_at_end if self.load_best_at_end is None else self.load_best_at_end
         if load_best:
             self._load_best(kwargs["model"])
 
     # --- helpers --------------------------------------------------------------------------------
+
+    def _interrupted(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], *,
+                     evaluating: bool = False) -> None:
+        """Act on a signal or an outside request, agreed by every rank at this step boundary."""
+        if self._stopping is not None:
+            return
+        event = self.interrupts.check(look=self.manager.writer)
+        if event is None:
+            return
+        if not event.stop:
+            self._serve(args, state, control, kwargs, event)  # a failure went to the requester and the log
+            return
+        self._due = False  # the final checkpoint covers it
+        if not self._final(args, state, control, kwargs, event):
+            return  # a failed stop request: the requester hears of it, training goes on
+        self._stopping = event
+        control.should_training_stop = True
+        control.should_evaluate = control.should_save = False  # no evaluation in a grace period
+        if evaluating and event.signum is not None:  # the evaluation may go on for long: stop now
+            self._training = False
+            self.interrupts.watch.stop(event.signum)
+
+    def _final(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], event: Interruption) -> bool:
+        """The final checkpoint of an interrupted run; False for a stop request that failed."""
+        ok = self._serve(args, state, control, kwargs, event) or event.signum is not None
+        if ok:
+            self._final_step = state.global_step
+        return ok
+
+    def _serve(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], event: Interruption) -> bool:
+        def save(type: str, name: str | None, description: str) -> CheckpointInfo | None:
+            info = self._save(args, state, control, kwargs, type, name=name, description=description)
+            return self.manager.wait() or info
+
+        return self.interrupts.serve(event, state.global_step, writer=self.manager.writer, save=save)
 
     def _schedule(self, state: Any, control: Any) -> None:
         """Note a due save and stop the Trainer from writing its own checkpoint."""
@@ -183,13 +253,15 @@ class CheckpointCallback(TrainerCallback):
             logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(state.global_step),
                          state.global_step, exc)
 
-    def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str) -> CheckpointInfo | None:
+    def _save(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any], type: str, *,
+              name: str | None = None, description: str | None = None) -> CheckpointInfo | None:
         step, info = state.global_step, None
         try:
             # The other ranks only wait for rank 0, unless the model is sharded (FSDP2, tensor parallel):
             # then every rank writes its own shards.
             if self.manager.writer or is_sharded(unwrap_model(kwargs["model"]).state_dict()):
-                info = self.manager.save(**self._payload(args, state, control, kwargs), step=step, type=type)
+                info = self.manager.save(**self._payload(args, state, control, kwargs), step=step, type=type,
+                                         name=name, description=description)
                 if type == "final":
                     self.manager.close()  # a background save is committed too
         finally:

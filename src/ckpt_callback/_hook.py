@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from ._errors import CheckpointError
 from ._layout import default_name
 from ._manager import CheckpointManager
 from ._sidecar import CheckpointInfo, clean_metrics, clean_number
-from ._trigger import SaveTrigger
+from ._trigger import Interruption, Interrupts, SaveTrigger
 
 __all__ = ["CheckpointHook"]
 
@@ -29,6 +31,12 @@ class CheckpointHook:
         optimizer, scheduler: saved with RNG states so `resume` continues exactly.
         every_n_steps: save an automatic checkpoint every N optimizer steps.
         every_n_seconds: and/or every N seconds of wall time.
+        save_on_signals: on these signals save a ``final`` checkpoint at the next `step`, then
+            stop as the signal would have (SIGTERM ends the process, SIGINT raises
+            KeyboardInterrupt; a second Ctrl-C interrupts at once). Add ``signal.SIGUSR1`` for
+            SLURM's ``--signal``; ``()`` installs no handler.
+        check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0,
+            at a step boundary); None: never look.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
             storage_options, async_save, max_shard_size).
 
@@ -54,6 +62,8 @@ class CheckpointHook:
         scheduler: Any = None,
         every_n_steps: int | None = None,
         every_n_seconds: float | None = None,
+        save_on_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+        check_requests_every: float | None = 10.0,
         **manager_options: Any,
     ) -> None:
         self.model = model
@@ -62,6 +72,8 @@ class CheckpointHook:
         self.trigger = SaveTrigger(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
         self.manager = CheckpointManager(root, **manager_options)
         self.manager.check_writable()
+        self.interrupts = Interrupts(save_on_signals, self.manager.requests, every=check_requests_every)
+        self.interrupts.install()
         self._step = 0
         self._epoch: float | None = None
         self._train_loss: float | None = None
@@ -71,10 +83,19 @@ class CheckpointHook:
     def __enter__(self) -> CheckpointHook:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None and not self._ended:
-            self.end()
-        else:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *rest: object) -> None:
+        if self._ended:
+            self.manager.close()
+        elif exc_type is None or issubclass(exc_type, SystemExit):  # the block ended, a break, or sys.exit()
+            code = f" by sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else ""
+            self.end(description=f"training ended{code} at step {self._step}")
+        else:  # a crash: its state may be what caused it, so no checkpoint of it
+            self._ended = True
+            self.interrupts.restore()
+            latest = self.trigger.last_step
+            logger.error("training ended with %s at step %d: no final checkpoint saved (the last one saved by this "
+                         "run is %s)", exc_type.__name__, self._step,
+                         default_name(latest) if latest is not None else "none")
             self.manager.close()
 
     def resume(self, name: str = "latest") -> int:
@@ -98,13 +119,18 @@ class CheckpointHook:
         self._step, self._train_loss = step, loss
         if epoch is not None:
             self._epoch = epoch
-        if not self.trigger.due(step):
-            return None
-        try:
-            return self._save("automatic")
-        except CheckpointError as exc:
-            logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(step), step, exc)
-            return None
+        event = self.interrupts.check(look=self.manager.writer)
+        if event is not None and event.stop:
+            self._stop(event)  # a failed stop request returns: training goes on
+        saved = None
+        if self.trigger.due(step):
+            try:
+                saved = self._save("automatic")
+            except CheckpointError as exc:
+                logger.error("scheduled checkpoint %s (step %d) was not saved: %s", default_name(step), step, exc)
+        if event is not None and not event.stop:
+            self._serve(event)  # a failure went to the requester and the log; training goes on
+        return saved
 
     def evaluate(self, step: int, *, eval_loss: float | None = None, metrics: Mapping[str, Any] | None = None) -> None:
         """Record an evaluation at ``step``; it is added to that step's checkpoint and counts for best.
@@ -129,17 +155,50 @@ class CheckpointHook:
         """Save a manual checkpoint now (kept by retention)."""
         return self._save("manual", name=name, description=description)
 
-    def end(self) -> CheckpointInfo | None:
-        """Save the final checkpoint and wait for every save to be committed; raises if it fails."""
+    def end(self, *, description: str | None = None) -> CheckpointInfo | None:
+        """Save the final checkpoint and wait for every save to be committed; raises if it fails.
+
+        If a signal came after the last `step`, the run then stops as that signal would have.
+        """
         self._ended = True
+        event = self.interrupts.check(look=False)
+        if event is not None and event.signum is not None:
+            self._stop(event)
         try:
-            return self._save("final")
+            info = self._save("final", description=description or f"training ended at step {self._step}")
         finally:
+            self.interrupts.restore()
             self.manager.close()
+        if self.interrupts.watch.received is not None:  # it came during that save: stop as it would have
+            self.interrupts.watch.stop(self.interrupts.watch.received)
+        return info
 
     def wait(self) -> CheckpointInfo | None:
         """Block until a background save is committed."""
         return self.manager.wait()
+
+    def _stop(self, event: Interruption) -> None:
+        """Save the final checkpoint of an interrupted run (a background save is committed first),
+        then stop: as the signal would have, or (a stop request) with ``SystemExit(0)``. Returns
+        only for a stop request whose save failed: training goes on."""
+        if not self._serve(event) and event.signum is None:
+            return None
+        self._ended = True
+        with contextlib.suppress(CheckpointError):  # waited for already; nothing may keep the run from stopping
+            self.manager.close()
+        if event.signum is not None:
+            self.interrupts.watch.stop(event.signum)
+        self.interrupts.restore()
+        logger.warning("stopping at step %d as requested (%s)", self._step, event.request.id if event.request else "")
+        raise SystemExit(0)
+
+    def _serve(self, event: Interruption) -> bool:
+        """Save the checkpoint ``event`` asks for, committed (with async_save too); whether it was."""
+        def save(type: str, name: str | None, description: str) -> CheckpointInfo | None:
+            info = self._save(type, name=name, description=description)
+            return self.manager.wait() or info
+
+        return self.interrupts.serve(event, self._step, writer=self.manager.writer, save=save)
 
     def _save(self, type: str, *, name: str | None = None, description: str | None = None) -> CheckpointInfo | None:
         pending = self._pending_eval.pop(self._step, {})

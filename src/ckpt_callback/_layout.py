@@ -10,6 +10,9 @@ only what is provably ours:
 - ``NAME/.ckpt-incomplete``: the lease of the process writing or deleting a folder (JSON: who,
   where, until when); a folder carrying it and no sidecar is never listed.
 - ``NAME/checkpoint.json.tmp-XXXX``: a local sidecar rewrite in progress.
+- ``ROOT/.ckpt-requests/ID.request.json``: a checkpoint asked for from outside the job (``ckpt
+  request``), until the job takes it; ``ID.outcome.json``: what became of it (accepted, saved,
+  failed). A hidden folder, so never listed as a checkpoint and never touched by cleanup.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ __all__ = [
     "MODEL_INDEX",
     "MODEL_PREFIX",
     "OPTIMIZER_FILE",
+    "OUTCOME_SUFFIX",
+    "REQUESTS_DIR",
+    "REQUEST_SUFFIX",
     "SIDECAR",
     "STAGING_PREFIX",
     "TMP_INFIX",
@@ -30,6 +36,8 @@ __all__ = [
     "default_name",
     "is_library_temp",
     "is_model_weights",
+    "outcome_file",
+    "request_file",
 ]
 
 SIDECAR = SIDECAR_NAME
@@ -42,10 +50,21 @@ MARKER = ".ckpt-incomplete"
 STAGING_PREFIX = ".ckpt-staging-"
 TRASH_PREFIX = ".ckpt-trash-"
 TMP_INFIX = ".tmp-"
+REQUESTS_DIR = ".ckpt-requests"
+REQUEST_SUFFIX = ".request.json"
+OUTCOME_SUFFIX = ".outcome.json"
 
 
 def default_name(step: int) -> str:
     return f"checkpoint-{step}"
+
+
+def request_file(request_id: str) -> str:
+    return f"{REQUESTS_DIR}/{request_id}{REQUEST_SUFFIX}"
+
+
+def outcome_file(request_id: str) -> str:
+    return f"{REQUESTS_DIR}/{request_id}{OUTCOME_SUFFIX}"
 
 
 def is_model_weights(rel: str) -> bool:

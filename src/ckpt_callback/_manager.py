@@ -33,6 +33,7 @@ from ._errors import (
 from ._layout import default_name
 from ._policy import newest
 from ._reader import Reader
+from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
@@ -48,7 +49,8 @@ from ._storage import Storage
 from ._training import TrainingState, describe_model, model_state, unwrap_model
 from ._writer import SaveJob, Writer
 
-__all__ = ["CheckpointManager", "CheckpointPage", "CheckpointSummary", "CheckpointWarning", "VerifyResult"]
+__all__ = ["CheckpointManager", "CheckpointPage", "CheckpointRequest", "CheckpointSummary", "CheckpointWarning",
+           "VerifyResult"]
 
 logger = logging.getLogger("ckpt_callback")
 
@@ -132,6 +134,7 @@ class CheckpointManager:
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
                               on_commit=self._retention.after_commit)
         self._check_writable = storage.check_writable
+        self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
         self.writer = is_writer() if writer is None else bool(writer)
         self.run_id = uuid.uuid4().hex
@@ -369,6 +372,29 @@ class CheckpointManager:
             why = self._retention.missing_monitor() if self.writer and not self._warned_monitor else None
             if why is not None:
                 self.warn_missing_monitor(f"checkpoints under {self.root} record {why}")
+
+    def request(self, *, name: str | None = None, description: str | None = None,
+                stop: bool = False) -> CheckpointRequest:
+        """Ask the job writing this root (its CheckpointHook or CheckpointCallback) for a checkpoint.
+
+        The job takes the request within its ``check_requests_every`` seconds (10 by default) and
+        saves a ``manual`` checkpoint at its next step boundary; with ``stop``, a ``final`` one,
+        and then it stops. The request travels through the root itself, so this works from any
+        machine that can write the root. Use the returned request's ``wait()`` for the outcome.
+
+        Example:
+            >>> m = CheckpointManager("memory://doc-request-manager")
+            >>> request = m.request(name="before-lr-drop", description="asked from a notebook")
+            >>> # info = request.wait(timeout=60)   # the checkpoint, once the running job saved it
+
+        Raises:
+            InvalidNameError: ``name`` cannot be a checkpoint name.
+            CheckpointExistsError: ``name`` is already a committed checkpoint.
+        """
+        self._catalog.require_root()  # a typo in the root must not create a folder no job reads
+        if name is not None and self._catalog.read(validate_name(name)) is not None:
+            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self.root}; choose another name")
+        return self.requests.submit(name=name, description=description, stop=stop)
 
     # --- finding ----------------------------------------------------------------------------------
 
