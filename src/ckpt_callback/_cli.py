@@ -29,6 +29,7 @@ import click
 from ._errors import CheckpointError, InvalidArgumentError, InvalidNameError
 from ._manager import CheckpointManager, CheckpointWarning
 from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
+from ._views import flexai_document, human_size
 
 __all__ = ["cli", "human_size", "inspect_document", "main"]
 
@@ -178,23 +179,6 @@ def _manager(root: str, **options: Any) -> CheckpointManager:
 # --- formatting -------------------------------------------------------------------------------
 
 
-def human_size(size: int) -> str:
-    """Bytes in decimal units, as model hubs show them: ``343.79 MB`` (1 MB = 10**6 bytes).
-
-    Example:
-        >>> human_size(343_790_000), human_size(512)
-        ('343.79 MB', '512 B')
-    """
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("kB", "MB", "GB", "TB"):
-        value /= 1000
-        if round(value, 2) < 1000:
-            return f"{value:.2f} {unit}"
-    return f"{value / 1000:.2f} PB"
-
-
 def _number(value: float | None) -> str:
     if value is None:
         return "-"
@@ -220,41 +204,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
 
 
 def inspect_document(info: CheckpointInfo, manager: CheckpointManager) -> dict[str, Any]:
-    """The ``ckpt inspect`` document of one checkpoint: kind, metadata, spec (where it lives), status.
-
-    The key names are those of SPEC.md; ``files`` carry their sha256 too.
-    """
+    """The ``ckpt inspect`` document of one checkpoint: FlexAI's ``checkpoint inspect`` plus our fields."""
     local = manager.local_path(info.name)
     root = os.path.dirname(local) if local is not None else manager.root.rstrip("/")  # local: an absolute path
-    return {
-        "kind": "Checkpoint",
-        "metadata": {"name": info.name, "id": info.id},
-        "spec": {
-            "root": root,
-            "path": f"{root.rstrip('/')}/{info.name}",
-            "type": info.type,
-            "description": info.description,
-            "epoch": info.epoch,
-            "metrics": dict(info.metrics),
-        },
-        "status": {
-            "status": "committed",  # a sidecar exists only for a complete checkpoint
-            "files": [entry.to_json() for entry in info.files],
-            "size": info.size,
-            "metadata": {
-                "name": info.name,
-                "node": info.node,
-                "step": info.step,
-                "trainLoss": info.train_loss,
-                "evalLoss": info.eval_loss,
-                "model": info.model,
-                "version": info.version,
-                "inferenceReady": info.inference_ready,
-                "createdAt": info.created_at,
-                "updatedAt": info.updated_at,
-            },
-        },
-    }
+    return flexai_document(info, root=root, path=f"{root.rstrip('/')}/{info.name}")
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -281,9 +234,14 @@ def cli() -> None:
 @click.option("--after", metavar="ID", default=None, help="Start after this checkpoint (id or name): the next page.")
 @click.option("--type", "type_", type=click.Choice(CHECKPOINT_TYPES), default=None, help="Only this type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the list object as JSON (sizes in bytes).")
+@click.option("--format", "format_", type=click.Choice(["table", "native", "openai", "tensorone"]), default="table",
+              help="native: the --json list object; openai: OpenAI's fine-tuning checkpoint list; "
+                   "tensorone: TensorOne's checkpoints list (all JSON).")
+@click.option("--include-metrics/--no-include-metrics", default=True, show_default=True,
+              help="With --format tensorone: each checkpoint's metrics.")
 @_root_options
 def list_command(root: str, sort_by: str, order: str, limit: int | None, after: str | None,
-                 type_: str | None, as_json: bool) -> int:
+                 type_: str | None, as_json: bool, format_: str, include_metrics: bool) -> int:
     """Show the checkpoints under ROOT as a table (or JSON).
 
     Newest first by default (--sort-by createdAt --order desc), as --json pages are.
@@ -292,8 +250,12 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     Page with --limit N and --after the last id (or name) of the previous page.
     """
     page = _manager(root).list(sort_by=sort_by, order=order, limit=limit, after=after, type=type_)
-    if as_json:
-        click.echo(json.dumps(page.to_json(), indent=2))
+    if as_json and format_ not in ("table", "native"):
+        raise click.UsageError("--json is --format native; give one of them")
+    if as_json or format_ != "table":
+        views = {"table": page.to_json, "native": page.to_json, "openai": page.to_openai,
+                 "tensorone": lambda: page.to_tensorone(include_metrics=include_metrics)}
+        click.echo(json.dumps(views[format_](), indent=2))
         return EXIT_OK
     if not page.data:
         click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))

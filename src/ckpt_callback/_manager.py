@@ -38,6 +38,7 @@ from ._sidecar import (
     RESERVED_NAMES,
     CheckpointInfo,
     Monitor,
+    Source,
     check_relative_path,
     clean_metrics,
     clean_number,
@@ -189,6 +190,7 @@ class CheckpointManager:
         model_name: str | None = None,
         version: str | None = None,
         inference_ready: bool | None = None,
+        source: Source | None = None,
     ) -> CheckpointInfo | None:
         """Save a checkpoint and apply retention once it is committed.
 
@@ -204,6 +206,7 @@ class CheckpointManager:
             rng: save RNG states (default: when an optimizer is given).
             files: extra small files (relative path → bytes), e.g. ``config.json``.
             model_name, version, inference_ready: override what is derived from ``state``.
+            source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
 
         Returns:
             The committed checkpoint's `CheckpointInfo`; with ``async_save`` the one that will be
@@ -235,7 +238,7 @@ class CheckpointManager:
             train_loss=clean_number(train_loss, key="train_loss"), eval_loss=clean_number(eval_loss, key="eval_loss"),
             metrics=clean_metrics(metrics), model=model_name if model_name is not None else derived_name,
             version=version if version is not None else derived_version, inference_ready=bool(inference_ready),
-            monitor=Monitor(monitor, mode), run_id=self.run_id,
+            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source,
         )
         if not self.writer:
             return None
