@@ -22,6 +22,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -170,6 +171,26 @@ def _root_options(fn: Any) -> Any:
     return fn
 
 
+def _examples(*lines: str) -> str:
+    """A --help epilog of example command lines, kept as written (click's ``\\b`` marker)."""
+    return "\b\nExamples:\n" + "\n".join(f"  $ {line}" if line else "" for line in lines)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _hint_if_empty(root: str) -> None:
+    """Say why ROOT may look empty (a checkpoint folder, roots below it, a Trainer output_dir)."""
+    from ._hints import empty_root_hint
+    from ._storage import Storage
+
+    state = click.get_current_context().ensure_object(_State)
+    hint = empty_root_hint(Storage(root, state.storage_options or None))
+    if hint is not None:
+        click.echo(f"ckpt: hint: {hint}", err=True)
+
+
 def _manager(root: str, **options: Any) -> CheckpointManager:
     state = click.get_current_context().ensure_object(_State)
     return CheckpointManager(root, storage_options=state.storage_options or None, monitor=state.monitor,
@@ -222,10 +243,19 @@ def cli() -> None:
     ROOT is a local folder or an fsspec URL (s3://bucket/run, gs://..., memory://...).
     Wherever NAME is taken, 'latest', 'best' and 'final' work too, and so does a checkpoint id.
     S3 credentials come from the usual AWS environment variables or --storage-option.
+
+    Shell completion: eval "$(_CKPT_COMPLETE=bash_source ckpt)" in ~/.bashrc
+    (zsh_source in ~/.zshrc, fish_source for fish).
     """
 
 
-@cli.command("list")
+@cli.command("list", epilog=_examples(
+    "ckpt list runs/gpt2-ft",
+    "ckpt list runs/gpt2-ft --sort-by evalLoss --order asc --limit 5",
+    "ckpt list runs/gpt2-ft --limit 5 --after checkpoint-800       # the next page",
+    "ckpt list s3://bucket/run --type best --json",
+    "ckpt list runs/gpt2-ft --format openai                        # OpenAI's fine-tuning checkpoint list",
+    "ckpt list runs/gpt2-ft --format tensorone --sort-by validationLoss --order asc"))
 @click.argument("root")
 @click.option("--sort-by", default="createdAt", show_default=True,
               help="createdAt, updatedAt, step, epoch, name, size, trainLoss, evalLoss or a metric name.")
@@ -253,10 +283,14 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     if as_json and format_ not in ("table", "native"):
         raise click.UsageError("--json is --format native; give one of them")
     if as_json or format_ != "table":
+        if page.total_count == 0 and type_ is None:
+            _hint_if_empty(root)
         views = {"table": page.to_json, "native": page.to_json, "openai": page.to_openai,
                  "tensorone": lambda: page.to_tensorone(include_metrics=include_metrics)}
         click.echo(json.dumps(views[format_](), indent=2))
         return EXIT_OK
+    if page.total_count == 0 and type_ is None:
+        _hint_if_empty(root)
     if not page.data:
         click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))
         return EXIT_OK
@@ -278,13 +312,21 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     return EXIT_OK
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=_examples(
+    "ckpt inspect runs/gpt2-ft best",
+    "ckpt inspect runs/gpt2-ft checkpoint-500 --json",
+    "ckpt inspect s3://bucket/run latest"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
 @_root_options
 def inspect_command(root: str, name: str, as_json: bool) -> int:
-    """Describe one checkpoint as YAML (or JSON)."""
+    """Describe one checkpoint as YAML (or JSON): FlexAI's checkpoint inspect document.
+
+    kind, metadata (name, id, creatorUserID, ownerOrgID), spec (fromLocalFiles, storageProvider,
+    sourcePath: where an imported checkpoint came from; plus root, path, type, description, epoch,
+    metrics, runId) and status (status, storageProviderID, size, files, metadata, createdAt, updatedAt).
+    """
     manager = _manager(root)
     document = inspect_document(manager.get(name), manager)
     if as_json:
@@ -296,16 +338,25 @@ def inspect_command(root: str, name: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-@cli.command("verify")
+@cli.command("verify", epilog=_examples(
+    "ckpt verify runs/gpt2-ft",
+    "ckpt verify runs/gpt2-ft best",
+    "ckpt verify s3://bucket/run --json"))
 @click.argument("root")
 @click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one {name, ok, problems, leftovers} per checkpoint.")
 @_root_options
-def verify_command(root: str, name: str | None) -> int:
+def verify_command(root: str, name: str | None, as_json: bool) -> int:
     """Re-hash files against their sidecar; exit 1 if any differs.
 
     Checks checkpoint NAME, or every checkpoint under ROOT; each bad or missing file is named.
     """
     results = _manager(root).verify(name)
+    if not results:
+        _hint_if_empty(root)
+    if as_json:
+        _echo_json([{"name": r.name, "ok": r.ok, "problems": r.problems, "leftovers": r.leftovers} for r in results])
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
     for result in results:
         if result.ok:
             click.echo(f"ok      {result.name}")
@@ -320,27 +371,50 @@ def verify_command(root: str, name: str | None) -> int:
     return EXIT_OK
 
 
-@cli.command("download")
+@cli.command("download", epilog=_examples(
+    "ckpt download runs/gpt2-ft best ./best-model",
+    "ckpt download s3://bucket/run latest ./weights --include '*.safetensors' --exclude 'optimizer*'",
+    "ckpt download runs/gpt2-ft checkpoint-500 ./ckpt --force --json"))
 @click.argument("root")
 @click.argument("name")
 @click.argument("dest", type=click.Path(file_okay=False, writable=True))
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Copy only files matching GLOB (repeatable), e.g. '*.safetensors'.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files matching GLOB (repeatable), e.g. 'optimizer*'.")
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar [default: on a terminal, above 4 MB].")
+@click.option("--json", "as_json", is_flag=True, help="Print what was copied as JSON.")
 @_root_options
-def download_command(root: str, name: str, dest: str, progress: bool | None) -> int:
+def download_command(root: str, name: str, dest: str, include: tuple[str, ...], exclude: tuple[str, ...],
+                     force: bool, progress: bool | None, as_json: bool) -> int:
     """Copy checkpoint NAME to the local folder DEST.
 
     Every file's sha256 is checked; DEST becomes the checkpoint folder itself (for HF models,
-    from_pretrained(DEST) works).
+    from_pretrained(DEST) works). Globs match each file's path inside the checkpoint; the
+    sidecar copied to DEST lists the files copied. A DEST that is not empty is refused without
+    --force (files of the same name are then replaced; others are left).
     """
+    target = Path(dest)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise click.UsageError(f"{dest} is not empty: pass --force to write into it, or choose an empty folder")
     manager = _manager(root)
     info = manager.get(name)
-    target = manager.download(info.name, dest, progress=progress)
-    click.echo(f"downloaded {_describe(info)} to {target}")
+    folder = manager.download(info.name, dest, progress=progress, include=include or None, exclude=exclude or None)
+    copied = CheckpointInfo.loads((folder / "checkpoint.json").read_bytes())
+    if as_json:
+        _echo_json({"name": info.name, "id": info.id, "dest": str(folder),
+                    "files": [f.path for f in copied.files], "size": copied.size})
+        return EXIT_OK
+    part = f" ({_count(len(copied.files), 'file')}, {human_size(copied.size)})" if include or exclude else ""
+    click.echo(f"downloaded {_describe(info)}{part} to {folder}")
     return EXIT_OK
 
 
-@cli.command("url")
+@cli.command("url", epilog=_examples(
+    "ckpt url s3://bucket/run best",
+    "ckpt url s3://bucket/run checkpoint-500 --expires 600 --json"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--expires", type=click.IntRange(min=1), default=3600, show_default=True, metavar="SECONDS",
@@ -364,12 +438,15 @@ def url_command(root: str, name: str, expires: int, as_json: bool) -> int:
     return EXIT_OK
 
 
-@cli.command("delete")
+@cli.command("delete", epilog=_examples(
+    "ckpt delete runs/gpt2-ft checkpoint-100",
+    "ckpt delete s3://bucket/run checkpoint-100 --yes --json"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask; required when not on a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deleted checkpoint's sidecar as JSON.")
 @_root_options
-def delete_command(root: str, name: str, yes: bool) -> int:
+def delete_command(root: str, name: str, yes: bool, as_json: bool) -> int:
     """Remove checkpoint NAME.
 
     Asks for confirmation on a terminal; elsewhere (scripts, CI) --yes is required.
@@ -383,19 +460,26 @@ def delete_command(root: str, name: str, yes: bool) -> int:
             click.echo("nothing deleted")
             return EXIT_FAILED
     manager.delete(info.name)
-    click.echo(f"deleted {_describe(info)}")
+    if as_json:
+        _echo_json(info.to_json())
+    else:
+        click.echo(f"deleted {_describe(info)}")
     return EXIT_OK
 
 
-@cli.command("prune")
+@cli.command("prune", epilog=_examples(
+    "ckpt prune runs/gpt2-ft --keep-last 2 --dry-run",
+    "ckpt prune runs/gpt2-ft --keep-last 2 --keep-best 1",
+    "ckpt prune s3://bucket/run --keep-last 3 --monitor accuracy --mode max --json"))
 @click.argument("root")
 @click.option("--keep-last", type=click.IntRange(min=0), required=True, metavar="N",
               help="Keep the N newest automatic checkpoints.")
 @click.option("--keep-best", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
               help="Also keep the N best by --monitor.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print {dryRun, deleted: [names], freed: bytes} as JSON.")
 @_root_options
-def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> int:
+def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool, as_json: bool) -> int:
     """Delete old automatic checkpoints, keeping the N newest.
 
     The best --keep-best by --monitor, every final and manual one, and the newest checkpoint
@@ -403,6 +487,9 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
     """
     manager = _manager(root, keep_best=keep_best)
     doomed = manager.prune(keep_last=keep_last, dry_run=dry_run)
+    if as_json:
+        _echo_json({"dryRun": dry_run, "deleted": [i.name for i in doomed], "freed": sum(i.size for i in doomed)})
+        return EXIT_OK
     verb = "would delete" if dry_run else "deleted"
     for info in doomed:
         click.echo(f"{verb} {_describe(info)}")
@@ -411,13 +498,16 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
     return EXIT_OK
 
 
-@cli.command("plot")
+@cli.command("plot", epilog=_examples(
+    "ckpt plot runs/gpt2-ft -o loss.png",
+    "ckpt plot s3://bucket/run -o loss.svg --log-scale --json"))
 @click.argument("root")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Image file to write (.png, .svg, .pdf).")
 @click.option("--log-scale", is_flag=True, help="A logarithmic loss axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print {output, checkpoints} as JSON.")
 @_root_options
-def plot_command(root: str, output: str, log_scale: bool) -> int:
+def plot_command(root: str, output: str, log_scale: bool, as_json: bool) -> int:
     """Plot train and eval loss over steps to an image file.
 
     One point per stored checkpoint; marker shapes show the type, a gold halo the best by --monitor.
@@ -433,11 +523,16 @@ def plot_command(root: str, output: str, log_scale: bool) -> int:
     manager = _manager(root)
     page = manager.list(sort_by="step", order="asc")
     if not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
+        if not page.data:
+            _hint_if_empty(root)
         state = "no checkpoints" if not page.data else "no checkpoint with a trainLoss or evalLoss"
         raise click.ClickException(f"{state} in {root}; there is nothing to plot")
     path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.monitor[0],
                        title=root, log_scale=log_scale)
-    click.echo(f"wrote {path} ({_count(len(page.data))})")
+    if as_json:
+        _echo_json({"output": str(path), "checkpoints": len(page.data)})
+    else:
+        click.echo(f"wrote {path} ({_count(len(page.data))})")
     return EXIT_OK
 
 
