@@ -536,5 +536,144 @@ def plot_command(root: str, output: str, log_scale: bool, as_json: bool) -> int:
     return EXIT_OK
 
 
+# --- import, export, serve --------------------------------------------------------------------
+
+
+@cli.command("import", epilog=_examples(
+    "ckpt import runs/nanogpt out/ckpt.pt --name nanogpt-5000 --description 'from the nanoGPT run'",
+    "ckpt import runs/gpt2-ft hf-output/                      # every checkpoint-N of a Trainer output_dir",
+    "ckpt import runs/gpt2-ft hf-output/checkpoint-500 --type manual",
+    "ckpt import s3://bucket/run s3://bucket/old/model.safetensors --step 1200 --json",
+    "ckpt import runs/base ./my-model                         # an HF save_pretrained folder"))
+@click.argument("root")
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("--name", default=None, help="Checkpoint name (one checkpoint only) [default: checkpoint-N for "
+                                           "Trainer checkpoints, else the file or folder name].")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Training step [default: as recorded, else 0].")
+@click.option("--type", "type_", type=click.Choice(["automatic", "manual", "final"]), default=None,
+              help="[default: automatic for Trainer checkpoints, else manual].")
+@click.option("--description", default=None, help="Free text for the sidecar.")
+@click.option("--source-option", "source_options", metavar="KEY=VALUE", multiple=True,
+              help="fsspec options for remote SOURCEs [default: --storage-option when on the root's protocol].")
+@click.option("--json", "as_json", is_flag=True, help="Print the new checkpoints' sidecars as JSON.")
+@_root_options
+def import_command(root: str, sources: tuple[str, ...], name: str | None, step: int | None, type_: str | None,
+                   description: str | None, source_options: tuple[str, ...], as_json: bool) -> int:
+    """Register existing files as checkpoints under ROOT, recording where they came from.
+
+    A SOURCE is a torch .pt/.bin file (a state dict, or a training checkpoint such as nanoGPT's
+    ckpt.pt with model, optimizer, iter_num, best_val_loss), a .safetensors file, an HF
+    save_pretrained folder, an HF Trainer checkpoint-N folder (steps, losses and metrics from
+    trainer_state.json; optimizer and scheduler when they load with weights_only=True), or a
+    whole Trainer output_dir. Local paths or fsspec URLs. Pickles are never unpickled beyond
+    tensors and plain containers. `ckpt inspect` shows the provenance (spec.fromLocalFiles,
+    spec.storageProvider, spec.sourcePath).
+    """
+    from ._import import import_checkpoints
+
+    state = click.get_current_context().ensure_object(_State)
+    options: dict[str, Any] = {}
+    for item in source_options:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="'--source-option'")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    infos = import_checkpoints(root, list(sources), name=name, step=step, type=type_, description=description,
+                               storage_options=state.storage_options or None,
+                               source_options=options if source_options else None)
+    if as_json:
+        _echo_json([info.to_json() for info in infos])
+        return EXIT_OK
+    for info in infos:
+        source = info.source
+        origin = "" if source is None else source.source_path or (
+            os.path.commonpath(source.from_local_files) if source.from_local_files else "")
+        click.echo(f"imported {_describe(info)} from {origin}")
+    return EXIT_OK
+
+
+@cli.command("export", epilog=_examples(
+    "ckpt export runs/gpt2-ft best ./gpt2-best",
+    "ckpt export s3://bucket/run checkpoint-500 ./gpt2-500 --dtype bfloat16 --json"))
+@click.argument("root")
+@click.argument("name")
+@click.argument("dest", type=click.Path(file_okay=False, writable=True))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Cast floating-point weights [default: as stored].")
+@click.option("--format", "format_", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest weights file before sharding.")
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, dest, files, size} as JSON.")
+@_root_options
+def export_command(root: str, name: str, dest: str, dtype: str | None, format_: str, max_shard_size: str,
+                   force: bool, as_json: bool) -> int:
+    """Write checkpoint NAME as an inference-only HF folder DEST.
+
+    Weights (optionally cast), config, generation config and tokenizer: what
+    AutoModel*.from_pretrained(DEST) needs, and no optimizer or training state. Works for any
+    checkpoint this library wrote (sharded or compressed ones too) that has a config.json.
+    """
+    from ._export import export_checkpoint
+
+    state = click.get_current_context().ensure_object(_State)
+    manager = _manager(root, writer=False)
+    info = manager.get(name)
+    target = export_checkpoint(root, info.name, dest, dtype=dtype, format=format_, force=force,
+                               max_shard_size=max_shard_size, storage_options=state.storage_options or None)
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    size = sum((target / f).stat().st_size for f in files)
+    if as_json:
+        _echo_json({"name": info.name, "id": info.id, "dest": str(target), "files": files, "size": size})
+    else:
+        click.echo(f"exported {_describe(info)} to {target} ({_count(len(files), 'file')}, {human_size(size)}"
+                   f"{', ' + dtype if dtype else ''})")
+    return EXIT_OK
+
+
+@cli.command("serve", epilog=_examples(
+    "ckpt serve runs/gpt2-ft best --port 8000",
+    "ckpt serve s3://bucket/run latest --host 0.0.0.0 --port 8080 --dtype bfloat16",
+    "",
+    "then, with the openai package:",
+    "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');"
+    " print(c.completions.create(model='checkpoint-700', prompt='Hello', max_tokens=8))\""))
+@click.argument("root")
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "transformers", "vllm"]), default="auto", show_default=True,
+              help="auto: vLLM when installed and a GPU is present, else transformers serve.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Cast the weights before serving [default: as stored].")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, model, baseUrl, backend, command} on start.")
+@_root_options
+def serve_command(root: str, name: str, host: str, port: int, backend: str, dtype: str | None,
+                  as_json: bool) -> int:
+    """Serve checkpoint NAME behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions).
+
+    The checkpoint is exported to a temporary HF folder and served by `transformers serve` (or
+    vLLM); the model id in requests is the checkpoint's name. Stops on Ctrl-C or SIGTERM.
+    Needs the [serve] extra: pip install 'ckpt-callback[serve]'.
+    """
+    from ._serve import Served, serve
+
+    state = click.get_current_context().ensure_object(_State)
+
+    def started(served: Served) -> None:
+        if as_json:
+            _echo_json(served.to_json())
+        else:
+            click.echo(f"serving {served.name} with {served.backend} at {served.base_url} (model id "
+                       f"{served.model!r}); Ctrl-C stops it")
+        sys.stdout.flush()
+
+    code = serve(root, name, host=host, port=port, backend=backend, dtype=dtype,
+                 storage_options=state.storage_options or None, on_start=started)
+    return EXIT_OK if code in (0, -2, -15, 130, 143) else EXIT_FAILED
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ The hierarchy::
     ├── InvalidArgumentError (ValueError)             a bad option (sort key, limit, ...)
     ├── CorruptCheckpointError (ValueError)           bytes or sidecar do not match
     │   └── SidecarError                              malformed or unknown-schema sidecar
+    ├── UnsupportedSourceError (ValueError)           `ckpt import`: not a checkpoint it can read safely
     ├── StorageError (OSError)                        the storage refused or failed
     └── SaveError (RuntimeError)                      a (background) save failed
 
@@ -28,6 +29,7 @@ __all__ = [
     "SaveError",
     "SidecarError",
     "StorageError",
+    "UnsupportedSourceError",
 ]
 
 
@@ -65,3 +67,7 @@ class StorageError(CheckpointError, OSError):
 
 class SaveError(CheckpointError, RuntimeError):
     """A save failed; for background saves this is raised by the next call."""
+
+
+class UnsupportedSourceError(CheckpointError, ValueError):
+    """An import source with no weights we recognise, or pickled objects beyond tensors (never unpickled)."""
