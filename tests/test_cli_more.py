@@ -110,8 +110,7 @@ def test_every_command_prints_json(root: str, tmp_path: Path, capsys: pytest.Cap
 def test_every_command_has_json_and_examples_in_its_help() -> None:
     for name, command in cli.commands.items():
         options = {opt for param in command.params for opt in getattr(param, "opts", [])}
-        if name not in ("serve",):  # serve runs a server: its JSON is the endpoint it prints on start
-            assert "--json" in options, name
+        assert "--json" in options, name
         with click.Context(command, info_name=name, parent=click.Context(cli, info_name="ckpt")) as ctx:
             text = command.get_help(ctx)
         assert "Examples:" in text and f"$ ckpt {name} " in text, name

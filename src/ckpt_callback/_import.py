@@ -329,10 +329,11 @@ def _plan_torch(path: Path, source: Source) -> ImportPlan:
     scheduler = next((loaded[k] for k in _SCHEDULER_KEYS if isinstance(loaded.get(k), Mapping)), None)
     plan.optimizer = _Frozen(dict(optimizer)) if optimizer is not None else None
     plan.scheduler = _Frozen(dict(scheduler)) if scheduler is not None else None
-    for k in ("model_args", "config"):  # nanoGPT: the model's shape and the run's settings
+    # nanoGPT: the model's shape and the run's settings (not `config.json`, which would claim an HF model)
+    for k, filename in (("model_args", "model_args.json"), ("config", "train_config.json")):
         if isinstance(loaded.get(k), Mapping):
             try:
-                plan.files[f"{k}.json"] = (json.dumps(loaded[k], indent=2, sort_keys=True) + "\n").encode()
+                plan.files[filename] = (json.dumps(loaded[k], indent=2, sort_keys=True) + "\n").encode()
             except (TypeError, ValueError):
                 plan.skipped.append(f"{k!r} is not JSON data; it was left out")
     return plan

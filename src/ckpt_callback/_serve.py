@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import CheckpointError, InvalidArgumentError
+from ._views import deployable
 
 __all__ = ["BACKENDS", "Served", "choose_backend", "serve", "server_command"]
 
@@ -39,10 +40,11 @@ class Served:
     base_url: str
     backend: str
     command: list[str]
+    folder: str  # the exported HF folder being served (removed when the server exits)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "baseUrl": self.base_url, "backend": self.backend,
-                "command": self.command}
+                "command": self.command, "folder": self.folder}
 
 
 def choose_backend(backend: str = "auto") -> str:
@@ -76,6 +78,10 @@ def _exported(root: str, name: str, storage_options: dict[str, Any] | None, dtyp
     from ._manager import CheckpointManager
 
     info = CheckpointManager(root, storage_options=storage_options, writer=False).get(name)
+    if not deployable(info):
+        raise InvalidArgumentError(
+            f"checkpoint {info.name!r} cannot be served: it is not an inference-ready HF model folder (config.json, "
+            "weights and tokenizer files); save it with CheckpointCallback and a tokenizer, or import an HF folder")
     work = Path(tempfile.mkdtemp(prefix="ckpt-serve-"))
     try:
         export_checkpoint(root, info.name, work / info.name, dtype=dtype, storage_options=storage_options)
@@ -108,9 +114,10 @@ def serve(
         raise CheckpointError(SERVE_MISSING)
     with _exported(root, name, storage_options, dtype) as (work, model):
         command = server_command(model, backend=chosen, host=host, port=port, model=model)
-        process = subprocess.Popen(command, cwd=work)
+        # The server's log goes to stderr: stdout carries only what ckpt prints (--json stays parseable).
+        process = subprocess.Popen(command, cwd=work, stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else None)
         served = Served(name=model, model=model, base_url=f"http://{_url_host(host)}:{port}/v1", backend=chosen,
-                        command=command)
+                        command=command, folder=str(work / model))
         previous = {sig: signal.signal(sig, lambda s, _f: process.send_signal(s))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -127,6 +134,14 @@ def serve(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+def _has_fd(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test harness
+        return False
+    return True
 
 
 def _url_host(host: str) -> str:
