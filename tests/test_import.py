@@ -174,3 +174,26 @@ def test_remote_sources(sources: dict[str, Path], tmp_path: Path, request: pytes
     assert spec["sourcePath"] == f"{base}/out/checkpoint-6" and spec["storageProvider"] == backend
     assert _same(CheckpointManager(root).load("checkpoint-6"),
                  load_file(str(sources["trainer"] / "checkpoint-6" / "model.safetensors")))
+
+
+def test_plot_draws_the_whole_logged_history(sources: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Checkpoints 2 and 4 are gone; the loss history they were part of is still drawn."""
+    pytest.importorskip("matplotlib")
+    from ckpt_callback._plot import draw_losses, loss_history
+
+    root = str(tmp_path / "run")
+    assert run(capsys, "import", root, str(sources["trainer"]))[0] == 0
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert run(capsys, "delete", root, name, "--yes")[0] == 0
+    code, out, err = run(capsys, "plot", root, "-o", str(tmp_path / "loss.png"))
+    assert code == 0, err
+    assert out == f"wrote {tmp_path / 'loss.png'} (1 checkpoint, 6 logged steps)\n"
+
+    state = json.loads((sources["trainer"] / "checkpoint-6" / "trainer_state.json").read_text())
+    history = loss_history(state)
+    assert [s for s, _ in history["train_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in history["eval_loss"]] == [2, 4, 6]
+    figure = draw_losses(CheckpointManager(root).list().data, history=history)
+    drawn = {tuple(line.get_xdata()) for line in figure.axes[0].lines}
+    assert (1, 2, 3, 4, 5, 6) in drawn and (2, 4, 6) in drawn

@@ -510,7 +510,9 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool, as_j
 def plot_command(root: str, output: str, log_scale: bool, as_json: bool) -> int:
     """Plot train and eval loss over steps to an image file.
 
-    One point per stored checkpoint; marker shapes show the type, a gold halo the best by --monitor.
+    HF runs: the whole train and eval loss history the Trainer logged (trainer_state.json of
+    the newest checkpoint), with the stored checkpoints marked on it. Otherwise one point per
+    stored checkpoint. Marker shapes show the type, a gold halo the best by --monitor.
     """
     from ._plot import plot_losses, unsupported_suffix
 
@@ -522,18 +524,47 @@ def plot_command(root: str, output: str, log_scale: bool, as_json: bool) -> int:
         raise click.BadParameter(problem, param_hint="'-o' / '--output'")
     manager = _manager(root)
     page = manager.list(sort_by="step", order="asc")
-    if not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
+    history = _loss_history(root, page.data)
+    if not history and not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
         if not page.data:
             _hint_if_empty(root)
         state = "no checkpoints" if not page.data else "no checkpoint with a trainLoss or evalLoss"
         raise click.ClickException(f"{state} in {root}; there is nothing to plot")
     path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.monitor[0],
-                       title=root, log_scale=log_scale)
+                       title=root, log_scale=log_scale, history=history)
+    logged = len({step for series in (history or {}).values() for step, _ in series})
     if as_json:
-        _echo_json({"output": str(path), "checkpoints": len(page.data)})
+        _echo_json({"output": str(path), "checkpoints": len(page.data), "loggedSteps": logged})
     else:
-        click.echo(f"wrote {path} ({_count(len(page.data))})")
+        click.echo(f"wrote {path} ({_count(len(page.data))}" + (f", {_count(logged, 'logged step')})" if logged
+                                                                 else ")"))
     return EXIT_OK
+
+
+def _loss_history(root: str, infos: Sequence[CheckpointInfo]) -> dict[str, list[tuple[float, float]]] | None:
+    """The run's logged losses from the newest checkpoint's trainer_state.json (HF runs), sha256-checked."""
+    import hashlib
+
+    from ._plot import loss_history
+    from ._sidecar import loads_strict
+    from ._storage import Storage
+
+    for info in sorted(infos, key=lambda i: i.step, reverse=True):
+        entry = next((f for f in info.files if f.path == "trainer_state.json"), None)
+        if entry is None:
+            continue
+        state = click.get_current_context().ensure_object(_State)
+        try:
+            data = Storage(root, state.storage_options or None).read_bytes(f"{info.name}/{entry.path}",
+                                                                            limit=entry.size)
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise CheckpointError(f"{info.name}/{entry.path} does not match its sha256")
+            history = loss_history(loads_strict(data, f"{info.name}/{entry.path}"))
+        except CheckpointError as exc:
+            click.echo(f"ckpt: warning: no loss history from {info.name}: {exc}", err=True)
+            return None
+        return history if any(history.values()) else None
+    return None
 
 
 # --- import, export, serve --------------------------------------------------------------------
