@@ -197,3 +197,45 @@ def test_plot_draws_the_whole_logged_history(sources: dict[str, Path], tmp_path:
     figure = draw_losses(CheckpointManager(root).list().data, history=history)
     drawn = {tuple(line.get_xdata()) for line in figure.axes[0].lines}
     assert (1, 2, 3, 4, 5, 6) in drawn and (2, 4, 6) in drawn
+
+
+def test_a_trainer_resumes_from_an_imported_output_dir(sources: dict[str, Path], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Migration: the Trainer's own checkpoints, imported, resume with weights, optimizer and scheduler."""
+    import logging
+
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from _sources import tiny_gpt2
+    from ckpt_callback import CheckpointCallback
+
+    with caplog.at_level(logging.WARNING, logger="ckpt_callback"):
+        assert CheckpointCallback(str(sources["trainer"])).resume_from() is None
+    assert "training starts from scratch" in caplog.text and "ckpt import" in caplog.text
+
+    root = str(tmp_path / "run")
+    import_checkpoints(root, [sources["trainer"]])
+    model, tok = tiny_gpt2()
+
+    class Texts(Dataset):
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = tok("hello world the quick brown fox")["input_ids"][:8]
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)}
+
+    callback = CheckpointCallback(root, keep_last=None, monitor="trainLoss")
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=8, save_steps=2, logging_steps=1, report_to=[],
+                             per_device_train_batch_size=4, use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Texts(), callbacks=[callback])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckpt_callback"):
+        folder = callback.resume_from()
+        assert folder is not None and folder.endswith("checkpoint-6")
+        trainer.train(resume_from_checkpoint=folder)
+    assert "start afresh" not in caplog.text  # optimizer and scheduler came back
+    assert trainer.state.global_step == 8
+    final = CheckpointManager(root).get("final")
+    assert final.step == 8 and final.run_id == CheckpointManager(root).get("checkpoint-6").run_id
