@@ -141,7 +141,7 @@ def import_checkpoints(
             )
             assert info is not None
             done.append(info)
-    return done
+    return [manager.get(info.name) for info in done]  # with their tags now (a later import may be the best)
 
 
 @contextlib.contextmanager

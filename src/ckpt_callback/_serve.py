@@ -115,7 +115,10 @@ def serve(
     with _exported(root, name, storage_options, dtype) as (work, model):
         command = server_command(model, backend=chosen, host=host, port=port, model=model)
         # The server's log goes to stderr: stdout carries only what ckpt prints (--json stays parseable).
-        process = subprocess.Popen(command, cwd=work, stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else None)
+        # Its own session: a terminal's Ctrl-C reaches it once, through us, not twice (uvicorn's second
+        # Ctrl-C skips the graceful shutdown).
+        process = subprocess.Popen(command, cwd=work, stdout=sys.stderr.fileno() if _has_fd(sys.stderr) else None,
+                                   start_new_session=True)
         served = Served(name=model, model=model, base_url=f"http://{_url_host(host)}:{port}/v1", backend=chosen,
                         command=command, folder=str(work / model))
         previous = {sig: signal.signal(sig, lambda s, _f: process.send_signal(s))
