@@ -17,7 +17,7 @@ import torch
 
 from ckpt_callback import CheckpointManager
 from ckpt_callback._cli import cli, main
-from ckpt_callback._storage import Storage
+from ckpt_callback._storage import S3_CONFIG_DEFAULTS, Storage
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -164,7 +164,8 @@ def test_no_hint_for_an_empty_root(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_storage_defaults_bound_s3_connects_and_retries() -> None:
     pytest.importorskip("s3fs")
     fs = Storage("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9"}).fs
-    assert fs.config_kwargs["connect_timeout"] == 5 and fs.config_kwargs["retries"]["max_attempts"] == 3
+    assert fs.config_kwargs["connect_timeout"] == 5 and fs.config_kwargs["retries"]["total_max_attempts"] == 3
+    assert S3_CONFIG_DEFAULTS["retries"] == {"total_max_attempts": 3, "mode": "standard"}  # never rewritten
     mine = Storage("s3://bucket/run", {"config_kwargs": {"connect_timeout": 30}}).fs
     assert mine.config_kwargs["connect_timeout"] == 30  # what the caller gives wins
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import logging
 import mmap
 import os
@@ -57,14 +58,14 @@ def _secrets(options: dict[str, Any]) -> list[str]:
 # S3 client defaults where the caller set none: a wrong endpoint fails in seconds, not after
 # botocore's 5 legacy attempts with 60 s connect timeouts; transient errors are retried by
 # `Storage._call` (and botocore's standard mode, which backs off on throttling).
-S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"}}
 
 
 def _with_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` plus `S3_CONFIG_DEFAULTS` for s3:// roots (a value the caller gave wins)."""
     if url.split("://", 1)[0] in ("s3", "s3a"):
         config = dict(options.get("config_kwargs") or {})
-        for key, value in S3_CONFIG_DEFAULTS.items():
+        for key, value in copy.deepcopy(S3_CONFIG_DEFAULTS).items():  # botocore rewrites `retries` in place
             config.setdefault(key, value)
         options["config_kwargs"] = config
     return options
