@@ -27,7 +27,7 @@ def empty_root_hint(storage: Storage) -> str | None:
         >>> s = Storage("memory://doc-hints/run")
         >>> s.write_bytes_atomic("checkpoint-5/trainer_state.json", b"{}")
         >>> print(empty_root_hint(s))  # doctest: +ELLIPSIS
-        memory://doc-hints/run looks like an HF Trainer output_dir (checkpoint-5 ...); ...
+        memory://doc-hints/run looks like an HF Trainer output_dir (checkpoint-5); register ... ckpt import ...
     """
     try:
         entries = storage.list_dir("")
