@@ -199,6 +199,6 @@ def test_a_wrong_s3_endpoint_fails_after_few_attempts(capsys: pytest.CaptureFixt
     assert code == 1
     assert err.strip().splitlines()[-1].startswith("ckpt: error: checking failed at s3://bucket/run")
     assert endpoint in err and "does not exist" not in err  # it names the endpoint, not a missing bucket
-    # 100 connections (76 s) before the defaults: 5 botocore attempts x 4 of ours x s3fs's own retries;
-    # now 3 botocore attempts and none of ours for the first request (s3fs still retries a hang-up).
-    assert count[0] <= 40, err
+    # 100 connections (76 s) before: 5 botocore attempts x 4 of ours (x s3fs's own retries of a hang-up);
+    # now 24: 3 botocore attempts, none of ours for the first request (120 with ours), s3fs's remain.
+    assert count[0] <= 30, err
