@@ -182,8 +182,7 @@ def test_human_size_uses_decimal_units(size: int, text: str) -> None:
 
 # --- inspect ------------------------------------------------------------------------------------
 
-STATUS_METADATA = ["name", "node", "step", "trainLoss", "evalLoss", "model", "version", "inferenceReady",
-                   "createdAt", "updatedAt"]
+STATUS_METADATA = ["name", "node", "step", "trainLoss", "evalLoss", "model", "version", "inferenceReady"]
 
 
 def test_inspect_yaml_and_json_describe_one_checkpoint(root: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,18 +195,20 @@ def test_inspect_yaml_and_json_describe_one_checkpoint(root: str, capsys: pytest
     info = CheckpointManager(root).get("checkpoint-40")
     assert list(doc) == ["kind", "metadata", "spec", "status"]
     assert doc["kind"] == "Checkpoint"
-    assert doc["metadata"] == {"name": "checkpoint-40", "id": info.id}
+    assert doc["metadata"] == {"name": "checkpoint-40", "id": info.id, "creatorUserID": info.created_by,
+                               "ownerOrgID": ""}
     assert doc["spec"]["root"] == str(Path(root).resolve())
     assert doc["spec"]["path"] == str(Path(root).resolve() / "checkpoint-40")
     assert doc["spec"]["type"] == "best"
     assert doc["spec"]["metrics"] == {"accuracy": 0.8}
     status = doc["status"]
-    assert status["status"] == "committed"
-    assert status["size"] == info.size == sum(f["size"] for f in status["files"])
+    assert status["status"] == "available"
+    assert status["sizeBytes"] == info.size == sum(f["sizeBytes"] for f in status["files"])
+    assert status["size"] == human_size(info.size)
     assert [f["path"] for f in status["files"]] == ["model.safetensors"]
     assert list(status["metadata"]) == STATUS_METADATA
     assert status["metadata"]["step"] == 40 and status["metadata"]["evalLoss"] == 0.8
-    assert status["metadata"]["createdAt"] == info.created_at  # a string, not a YAML timestamp
+    assert status["createdAt"] == info.created_at  # a string, not a YAML timestamp
 
 
 @pytest.mark.parametrize(("name", "expected"), [("best", "checkpoint-40"), ("latest", "checkpoint-60"),

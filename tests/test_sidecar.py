@@ -26,6 +26,7 @@ from ckpt_callback._sidecar import (
 SPEC_KEYS = [
     "schemaVersion", "id", "name", "type", "description", "step", "epoch", "trainLoss", "evalLoss", "metrics",
     "model", "version", "inferenceReady", "node", "createdAt", "updatedAt", "files", "size", "monitor", "runId",
+    "createdBy", "source",
 ]
 SHA = "ab" * 32
 
@@ -155,6 +156,8 @@ ALLOWED = {
     "size": set(),
     "monitor": {"null"},
     "runId": {"null", "string"},
+    "createdBy": {"null", "string"},
+    "source": {"null", "object"},
 }
 assert set(ALLOWED) == set(SPEC_KEYS)
 

@@ -21,8 +21,11 @@ from ._errors import (
     SaveError,
     SidecarError,
     StorageError,
+    UnsupportedSourceError,
 )
+from ._export import export_checkpoint
 from ._hook import CheckpointHook
+from ._import import import_checkpoints
 from ._manager import CheckpointManager, CheckpointRequest, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry
@@ -55,7 +58,10 @@ __all__ = [
     "SavePolicy",
     "SidecarError",
     "StorageError",
+    "UnsupportedSourceError",
     "VerifyResult",
+    "export_checkpoint",
+    "import_checkpoints",
 ]
 
 

@@ -20,14 +20,15 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError, StorageError
 from ._layout import SIDECAR, STAGING_PREFIX
 from ._sidecar import CHECKPOINT_TYPES, MAX_SIDECAR_BYTES, CheckpointInfo
 from ._storage import Storage
+from ._views import TENSORONE_METRICS, openai_list, tensorone_list, tensorone_metric, weights_file
 
 __all__ = ["REFRESH_SECONDS", "Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning",
            "check_lookup_name"]
@@ -46,6 +47,8 @@ _SORT_ALIASES = {
     "trainLoss": "train_loss", "train_loss": "train_loss",
     "evalLoss": "eval_loss", "eval_loss": "eval_loss",
 }
+# TensorOne's sort keys (loss, accuracy, validationLoss, validationAccuracy) are aliases too,
+# mapped from what was logged (see _views.TENSORONE_METRICS); a metric of exactly that name wins.
 
 
 class CheckpointWarning(UserWarning):
@@ -70,7 +73,11 @@ class CheckpointSummary:
 
 @dataclass(frozen=True)
 class CheckpointPage:
-    """One page of `CheckpointManager.list`, shaped like the hosted checkpoint list APIs."""
+    """One page of `CheckpointManager.list`, shaped like the hosted checkpoint list APIs.
+
+    `to_json` is the native list object; `to_openai` and `to_tensorone` the same page in those
+    services' shapes (see ``ckpt list --format``).
+    """
 
     data: list[CheckpointInfo]
     first_id: str | None
@@ -78,6 +85,8 @@ class CheckpointPage:
     has_more: bool
     total_count: int
     summary: CheckpointSummary
+    root: str = ""  # the root URL as given: OpenAI's fine_tuned_model_checkpoint is ROOT/NAME
+    signer: Callable[[CheckpointInfo], str | None] | None = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[CheckpointInfo]:
         return iter(self.data)
@@ -98,6 +107,24 @@ class CheckpointPage:
             "totalCount": self.total_count,
             "summary": self.summary.to_json(),
         }
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's fine-tuning checkpoint list: ``fine_tuning.job.checkpoint`` items in a cursor page.
+
+        The items validate as the ``openai`` SDK's ``FineTuningJobCheckpoint``; ``fine_tuning_job_id``
+        is the run id, ``fine_tuned_model_checkpoint`` the checkpoint's location (``ROOT/NAME``).
+        """
+        return openai_list(self.data, has_more=self.has_more, root=self.root)
+
+    def to_tensorone(self, *, include_metrics: bool = True, signed_urls: bool = True) -> dict[str, Any]:
+        """TensorOne's checkpoint list: ``checkpoints``, ``totalCount``, ``summary``.
+
+        ``downloadUrl`` is a URL of the weights signed for 1 h where the storage signs (object
+        stores) and ``signed_urls`` is on, else null.
+        """
+        return tensorone_list(self.data, total_count=self.total_count, best=self.summary.best,
+                              latest=self.summary.latest, total_size=self.summary.total_size,
+                              include_metrics=include_metrics, sign=self.signer if signed_urls else None)
 
 
 def check_lookup_name(name: object) -> str:
@@ -308,22 +335,36 @@ class Catalog:
             has_more=start + len(data) < len(ordered),
             total_count=len(ordered),
             summary=summary,
+            root=self.storage.root if self.storage.is_local else self.storage.url,  # local: absolute
+            signer=self.sign,
         )
+
+    def sign(self, info: CheckpointInfo, expires: int = 3600) -> str | None:
+        """A pre-signed URL of ``info``'s weights file, or None where the storage cannot sign."""
+        rel = weights_file(info)
+        try:
+            return str(self.storage.fs.sign(self.storage.path(info.name, rel), expiration=expires))
+        except NotImplementedError:
+            return None
 
 
 def sort(infos: Sequence[CheckpointInfo], sort_by: str, *, descending: bool) -> builtins.list[CheckpointInfo]:
     """Sort by ``sort_by``; entries without the value go last either way; ties by step, time, name."""
     attr = _SORT_ALIASES.get(sort_by)
     known_metrics = {k for i in infos for k in i.metrics}
-    if attr is None and sort_by not in known_metrics:
-        valid = sorted({k for k in _SORT_ALIASES if not k.endswith(("_at", "_loss")) and k != "created"})
+    alias = sort_by in TENSORONE_METRICS and sort_by not in known_metrics
+    if attr is None and sort_by not in known_metrics and not alias:
+        valid = sorted({k for k in _SORT_ALIASES if not k.endswith(("_at", "_loss")) and k != "created"}
+                       | set(TENSORONE_METRICS))
         raise InvalidArgumentError(
             f"cannot sort by {sort_by!r}: use one of {', '.join(valid)} or a metric name "
             f"({', '.join(sorted(known_metrics)) or 'none recorded yet'})"
         )
 
     def value(info: CheckpointInfo) -> Any:
-        return getattr(info, attr) if attr is not None else info.metrics.get(sort_by)
+        if attr is not None:
+            return getattr(info, attr)
+        return tensorone_metric(info, sort_by) if alias else info.metrics.get(sort_by)
 
     def tie(info: CheckpointInfo) -> tuple[int, str, str]:
         return (info.step, info.created_at, info.name)

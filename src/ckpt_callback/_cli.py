@@ -22,6 +22,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -29,6 +30,7 @@ import click
 from ._errors import CheckpointError, InvalidArgumentError, InvalidNameError
 from ._manager import CheckpointManager, CheckpointWarning
 from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
+from ._views import flexai_document, human_size
 
 __all__ = ["cli", "human_size", "inspect_document", "main"]
 
@@ -169,6 +171,26 @@ def _root_options(fn: Any) -> Any:
     return fn
 
 
+def _examples(*lines: str) -> str:
+    """A --help epilog of example command lines, kept as written (click's ``\\b`` marker)."""
+    return "\b\nExamples:\n" + "\n".join(f"  $ {line}" if line else "" for line in lines)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _hint_if_empty(root: str) -> None:
+    """Say why ROOT may look empty (a checkpoint folder, roots below it, a Trainer output_dir)."""
+    from ._hints import empty_root_hint
+    from ._storage import Storage
+
+    state = click.get_current_context().ensure_object(_State)
+    hint = empty_root_hint(Storage(root, state.storage_options or None))
+    if hint is not None:
+        click.echo(f"ckpt: hint: {hint}", err=True)
+
+
 def _manager(root: str, **options: Any) -> CheckpointManager:
     state = click.get_current_context().ensure_object(_State)
     return CheckpointManager(root, storage_options=state.storage_options or None, monitor=state.monitor,
@@ -176,23 +198,6 @@ def _manager(root: str, **options: Any) -> CheckpointManager:
 
 
 # --- formatting -------------------------------------------------------------------------------
-
-
-def human_size(size: int) -> str:
-    """Bytes in decimal units, as model hubs show them: ``343.79 MB`` (1 MB = 10**6 bytes).
-
-    Example:
-        >>> human_size(343_790_000), human_size(512)
-        ('343.79 MB', '512 B')
-    """
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("kB", "MB", "GB", "TB"):
-        value /= 1000
-        if round(value, 2) < 1000:
-            return f"{value:.2f} {unit}"
-    return f"{value / 1000:.2f} PB"
 
 
 def _number(value: float | None) -> str:
@@ -220,41 +225,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
 
 
 def inspect_document(info: CheckpointInfo, manager: CheckpointManager) -> dict[str, Any]:
-    """The ``ckpt inspect`` document of one checkpoint: kind, metadata, spec (where it lives), status.
-
-    The key names are those of SPEC.md; ``files`` carry their sha256 too.
-    """
+    """The ``ckpt inspect`` document of one checkpoint: FlexAI's ``checkpoint inspect`` plus our fields."""
     local = manager.local_path(info.name)
     root = os.path.dirname(local) if local is not None else manager.root.rstrip("/")  # local: an absolute path
-    return {
-        "kind": "Checkpoint",
-        "metadata": {"name": info.name, "id": info.id},
-        "spec": {
-            "root": root,
-            "path": f"{root.rstrip('/')}/{info.name}",
-            "type": info.type,
-            "description": info.description,
-            "epoch": info.epoch,
-            "metrics": dict(info.metrics),
-        },
-        "status": {
-            "status": "committed",  # a sidecar exists only for a complete checkpoint
-            "files": [entry.to_json() for entry in info.files],
-            "size": info.size,
-            "metadata": {
-                "name": info.name,
-                "node": info.node,
-                "step": info.step,
-                "trainLoss": info.train_loss,
-                "evalLoss": info.eval_loss,
-                "model": info.model,
-                "version": info.version,
-                "inferenceReady": info.inference_ready,
-                "createdAt": info.created_at,
-                "updatedAt": info.updated_at,
-            },
-        },
-    }
+    return flexai_document(info, root=root, path=f"{root.rstrip('/')}/{info.name}")
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -269,10 +243,19 @@ def cli() -> None:
     ROOT is a local folder or an fsspec URL (s3://bucket/run, gs://..., memory://...).
     Wherever NAME is taken, 'latest', 'best' and 'final' work too, and so does a checkpoint id.
     S3 credentials come from the usual AWS environment variables or --storage-option.
+
+    Shell completion: eval "$(_CKPT_COMPLETE=bash_source ckpt)" in ~/.bashrc
+    (zsh_source in ~/.zshrc, fish_source for fish).
     """
 
 
-@cli.command("list")
+@cli.command("list", epilog=_examples(
+    "ckpt list runs/gpt2-ft",
+    "ckpt list runs/gpt2-ft --sort-by evalLoss --order asc --limit 5",
+    "ckpt list runs/gpt2-ft --limit 5 --after checkpoint-800       # the next page",
+    "ckpt list s3://bucket/run --type best --json",
+    "ckpt list runs/gpt2-ft --format openai                        # OpenAI's fine-tuning checkpoint list",
+    "ckpt list runs/gpt2-ft --format tensorone --sort-by validationLoss --order asc"))
 @click.argument("root")
 @click.option("--sort-by", default="createdAt", show_default=True,
               help="createdAt, updatedAt, step, epoch, name, size, trainLoss, evalLoss or a metric name.")
@@ -281,9 +264,14 @@ def cli() -> None:
 @click.option("--after", metavar="ID", default=None, help="Start after this checkpoint (id or name): the next page.")
 @click.option("--type", "type_", type=click.Choice(CHECKPOINT_TYPES), default=None, help="Only this type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the list object as JSON (sizes in bytes).")
+@click.option("--format", "format_", type=click.Choice(["table", "native", "openai", "tensorone"]), default="table",
+              help="native: the --json list object; openai: OpenAI's fine-tuning checkpoint list; "
+                   "tensorone: TensorOne's checkpoints list (all JSON).")
+@click.option("--include-metrics/--no-include-metrics", default=True, show_default=True,
+              help="With --format tensorone: each checkpoint's metrics.")
 @_root_options
 def list_command(root: str, sort_by: str, order: str, limit: int | None, after: str | None,
-                 type_: str | None, as_json: bool) -> int:
+                 type_: str | None, as_json: bool, format_: str, include_metrics: bool) -> int:
     """Show the checkpoints under ROOT as a table (or JSON).
 
     Newest first by default (--sort-by createdAt --order desc), as --json pages are.
@@ -292,9 +280,17 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     Page with --limit N and --after the last id (or name) of the previous page.
     """
     page = _manager(root).list(sort_by=sort_by, order=order, limit=limit, after=after, type=type_)
-    if as_json:
-        click.echo(json.dumps(page.to_json(), indent=2))
+    if as_json and format_ not in ("table", "native"):
+        raise click.UsageError("--json is --format native; give one of them")
+    if as_json or format_ != "table":
+        if page.total_count == 0 and type_ is None:
+            _hint_if_empty(root)
+        views = {"table": page.to_json, "native": page.to_json, "openai": page.to_openai,
+                 "tensorone": lambda: page.to_tensorone(include_metrics=include_metrics)}
+        click.echo(json.dumps(views[format_](), indent=2))
         return EXIT_OK
+    if page.total_count == 0 and type_ is None:
+        _hint_if_empty(root)
     if not page.data:
         click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))
         return EXIT_OK
@@ -316,13 +312,21 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     return EXIT_OK
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=_examples(
+    "ckpt inspect runs/gpt2-ft best",
+    "ckpt inspect runs/gpt2-ft checkpoint-500 --json",
+    "ckpt inspect s3://bucket/run latest"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
 @_root_options
 def inspect_command(root: str, name: str, as_json: bool) -> int:
-    """Describe one checkpoint as YAML (or JSON)."""
+    """Describe one checkpoint as YAML (or JSON): FlexAI's checkpoint inspect document.
+
+    kind, metadata (name, id, creatorUserID, ownerOrgID), spec (fromLocalFiles, storageProvider,
+    sourcePath: where an imported checkpoint came from; plus root, path, type, description, epoch,
+    metrics, runId) and status (status, storageProviderID, size, files, metadata, createdAt, updatedAt).
+    """
     manager = _manager(root)
     document = inspect_document(manager.get(name), manager)
     if as_json:
@@ -334,16 +338,25 @@ def inspect_command(root: str, name: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-@cli.command("verify")
+@cli.command("verify", epilog=_examples(
+    "ckpt verify runs/gpt2-ft",
+    "ckpt verify runs/gpt2-ft best",
+    "ckpt verify s3://bucket/run --json"))
 @click.argument("root")
 @click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one {name, ok, problems, leftovers} per checkpoint.")
 @_root_options
-def verify_command(root: str, name: str | None) -> int:
+def verify_command(root: str, name: str | None, as_json: bool) -> int:
     """Re-hash files against their sidecar; exit 1 if any differs.
 
     Checks checkpoint NAME, or every checkpoint under ROOT; each bad or missing file is named.
     """
     results = _manager(root).verify(name)
+    if not results:
+        _hint_if_empty(root)
+    if as_json:
+        _echo_json([{"name": r.name, "ok": r.ok, "problems": r.problems, "leftovers": r.leftovers} for r in results])
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
     for result in results:
         if result.ok:
             click.echo(f"ok      {result.name}")
@@ -358,27 +371,50 @@ def verify_command(root: str, name: str | None) -> int:
     return EXIT_OK
 
 
-@cli.command("download")
+@cli.command("download", epilog=_examples(
+    "ckpt download runs/gpt2-ft best ./best-model",
+    "ckpt download s3://bucket/run latest ./weights --include '*.safetensors' --exclude 'optimizer*'",
+    "ckpt download runs/gpt2-ft checkpoint-500 ./ckpt --force --json"))
 @click.argument("root")
 @click.argument("name")
 @click.argument("dest", type=click.Path(file_okay=False, writable=True))
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Copy only files matching GLOB (repeatable), e.g. '*.safetensors'.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files matching GLOB (repeatable), e.g. 'optimizer*'.")
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar [default: on a terminal, above 4 MB].")
+@click.option("--json", "as_json", is_flag=True, help="Print what was copied as JSON.")
 @_root_options
-def download_command(root: str, name: str, dest: str, progress: bool | None) -> int:
+def download_command(root: str, name: str, dest: str, include: tuple[str, ...], exclude: tuple[str, ...],
+                     force: bool, progress: bool | None, as_json: bool) -> int:
     """Copy checkpoint NAME to the local folder DEST.
 
     Every file's sha256 is checked; DEST becomes the checkpoint folder itself (for HF models,
-    from_pretrained(DEST) works).
+    from_pretrained(DEST) works). Globs match each file's path inside the checkpoint; the
+    sidecar copied to DEST lists the files copied. A DEST that is not empty is refused without
+    --force (files of the same name are then replaced; others are left).
     """
+    target = Path(dest)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise click.UsageError(f"{dest} is not empty: pass --force to write into it, or choose an empty folder")
     manager = _manager(root)
     info = manager.get(name)
-    target = manager.download(info.name, dest, progress=progress)
-    click.echo(f"downloaded {_describe(info)} to {target}")
+    folder = manager.download(info.name, dest, progress=progress, include=include or None, exclude=exclude or None)
+    copied = CheckpointInfo.loads((folder / "checkpoint.json").read_bytes())
+    if as_json:
+        _echo_json({"name": info.name, "id": info.id, "dest": str(folder),
+                    "files": [f.path for f in copied.files], "size": copied.size})
+        return EXIT_OK
+    part = f" ({_count(len(copied.files), 'file')}, {human_size(copied.size)})" if include or exclude else ""
+    click.echo(f"downloaded {_describe(info)}{part} to {folder}")
     return EXIT_OK
 
 
-@cli.command("url")
+@cli.command("url", epilog=_examples(
+    "ckpt url s3://bucket/run best",
+    "ckpt url s3://bucket/run checkpoint-500 --expires 600 --json"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--expires", type=click.IntRange(min=1), default=3600, show_default=True, metavar="SECONDS",
@@ -402,12 +438,15 @@ def url_command(root: str, name: str, expires: int, as_json: bool) -> int:
     return EXIT_OK
 
 
-@cli.command("delete")
+@cli.command("delete", epilog=_examples(
+    "ckpt delete runs/gpt2-ft checkpoint-100",
+    "ckpt delete s3://bucket/run checkpoint-100 --yes --json"))
 @click.argument("root")
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask; required when not on a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deleted checkpoint's sidecar as JSON.")
 @_root_options
-def delete_command(root: str, name: str, yes: bool) -> int:
+def delete_command(root: str, name: str, yes: bool, as_json: bool) -> int:
     """Remove checkpoint NAME.
 
     Asks for confirmation on a terminal; elsewhere (scripts, CI) --yes is required.
@@ -421,19 +460,26 @@ def delete_command(root: str, name: str, yes: bool) -> int:
             click.echo("nothing deleted")
             return EXIT_FAILED
     manager.delete(info.name)
-    click.echo(f"deleted {_describe(info)}")
+    if as_json:
+        _echo_json(info.to_json())
+    else:
+        click.echo(f"deleted {_describe(info)}")
     return EXIT_OK
 
 
-@cli.command("prune")
+@cli.command("prune", epilog=_examples(
+    "ckpt prune runs/gpt2-ft --keep-last 2 --dry-run",
+    "ckpt prune runs/gpt2-ft --keep-last 2 --keep-best 1",
+    "ckpt prune s3://bucket/run --keep-last 3 --monitor accuracy --mode max --json"))
 @click.argument("root")
 @click.option("--keep-last", type=click.IntRange(min=0), required=True, metavar="N",
               help="Keep the N newest automatic checkpoints.")
 @click.option("--keep-best", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
               help="Also keep the N best by --monitor.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print {dryRun, deleted: [names], freed: bytes} as JSON.")
 @_root_options
-def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> int:
+def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool, as_json: bool) -> int:
     """Delete old automatic checkpoints, keeping the N newest.
 
     The best --keep-best by --monitor, every final and manual one, and the newest checkpoint
@@ -441,6 +487,9 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
     """
     manager = _manager(root, keep_best=keep_best)
     doomed = manager.prune(keep_last=keep_last, dry_run=dry_run)
+    if as_json:
+        _echo_json({"dryRun": dry_run, "deleted": [i.name for i in doomed], "freed": sum(i.size for i in doomed)})
+        return EXIT_OK
     verb = "would delete" if dry_run else "deleted"
     for info in doomed:
         click.echo(f"{verb} {_describe(info)}")
@@ -449,7 +498,9 @@ def prune_command(root: str, keep_last: int, keep_best: int, dry_run: bool) -> i
     return EXIT_OK
 
 
-@cli.command("request")
+@cli.command("request", epilog=_examples(
+    "ckpt request runs/job --name before-lr-drop --description 'asked from the shell' --wait",
+    "ckpt request s3://bucket/run --stop --wait --timeout 900"))
 @click.argument("root")
 @click.option("--name", default=None, help="Name of the checkpoint (default: checkpoint-STEP).")
 @click.option("--description", default=None, help="Free text for its sidecar.")
@@ -487,16 +538,21 @@ def request_command(root: str, name: str | None, description: str | None, stop: 
     return EXIT_OK
 
 
-@cli.command("plot")
+@cli.command("plot", epilog=_examples(
+    "ckpt plot runs/gpt2-ft -o loss.png",
+    "ckpt plot s3://bucket/run -o loss.svg --log-scale --json"))
 @click.argument("root")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Image file to write (.png, .svg, .pdf).")
 @click.option("--log-scale", is_flag=True, help="A logarithmic loss axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print {output, checkpoints} as JSON.")
 @_root_options
-def plot_command(root: str, output: str, log_scale: bool) -> int:
+def plot_command(root: str, output: str, log_scale: bool, as_json: bool) -> int:
     """Plot train and eval loss over steps to an image file.
 
-    One point per stored checkpoint; marker shapes show the type, a gold halo the best by --monitor.
+    HF runs: the whole train and eval loss history the Trainer logged (trainer_state.json of
+    the newest checkpoint), with the stored checkpoints marked on it. Otherwise one point per
+    stored checkpoint. Marker shapes show the type, a gold halo the best by --monitor.
     """
     from ._plot import plot_losses, unsupported_suffix
 
@@ -508,13 +564,186 @@ def plot_command(root: str, output: str, log_scale: bool) -> int:
         raise click.BadParameter(problem, param_hint="'-o' / '--output'")
     manager = _manager(root)
     page = manager.list(sort_by="step", order="asc")
-    if not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
+    history = _loss_history(root, page.data)
+    if not history and not any(i.train_loss is not None or i.eval_loss is not None for i in page.data):
+        if not page.data:
+            _hint_if_empty(root)
         state = "no checkpoints" if not page.data else "no checkpoint with a trainLoss or evalLoss"
         raise click.ClickException(f"{state} in {root}; there is nothing to plot")
     path = plot_losses(page.data, output, best=page.summary.best, monitor=manager.monitor[0],
-                       title=root, log_scale=log_scale)
-    click.echo(f"wrote {path} ({_count(len(page.data))})")
+                       title=root, log_scale=log_scale, history=history)
+    logged = len({step for series in (history or {}).values() for step, _ in series})
+    if as_json:
+        _echo_json({"output": str(path), "checkpoints": len(page.data), "loggedSteps": logged})
+    else:
+        click.echo(f"wrote {path} ({_count(len(page.data))}" + (f", {_count(logged, 'logged step')})" if logged
+                                                                 else ")"))
     return EXIT_OK
+
+
+def _loss_history(root: str, infos: Sequence[CheckpointInfo]) -> dict[str, list[tuple[float, float]]] | None:
+    """The run's logged losses from the newest checkpoint's trainer_state.json (HF runs), sha256-checked."""
+    import hashlib
+
+    from ._plot import loss_history
+    from ._sidecar import loads_strict
+    from ._storage import Storage
+
+    for info in sorted(infos, key=lambda i: i.step, reverse=True):
+        entry = next((f for f in info.files if f.path == "trainer_state.json"), None)
+        if entry is None:
+            continue
+        state = click.get_current_context().ensure_object(_State)
+        try:
+            data = Storage(root, state.storage_options or None).read_bytes(f"{info.name}/{entry.path}",
+                                                                            limit=entry.size)
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise CheckpointError(f"{info.name}/{entry.path} does not match its sha256")
+            history = loss_history(loads_strict(data, f"{info.name}/{entry.path}"))
+        except CheckpointError as exc:
+            click.echo(f"ckpt: warning: no loss history from {info.name}: {exc}", err=True)
+            return None
+        return history if any(history.values()) else None
+    return None
+
+
+# --- import, export, serve --------------------------------------------------------------------
+
+
+@cli.command("import", epilog=_examples(
+    "ckpt import runs/nanogpt out/ckpt.pt --name nanogpt-5000 --description 'from the nanoGPT run'",
+    "ckpt import runs/gpt2-ft hf-output/                      # every checkpoint-N of a Trainer output_dir",
+    "ckpt import runs/gpt2-ft hf-output/checkpoint-500 --type manual",
+    "ckpt import s3://bucket/run s3://bucket/old/model.safetensors --step 1200 --json",
+    "ckpt import runs/base ./my-model                         # an HF save_pretrained folder"))
+@click.argument("root")
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("--name", default=None, help="Checkpoint name (one checkpoint only) [default: checkpoint-N for "
+                                           "Trainer checkpoints, else the file or folder name].")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Training step [default: as recorded, else 0].")
+@click.option("--type", "type_", type=click.Choice(["automatic", "manual", "final"]), default=None,
+              help="[default: automatic for Trainer checkpoints, else manual].")
+@click.option("--description", default=None, help="Free text for the sidecar.")
+@click.option("--source-option", "source_options", metavar="KEY=VALUE", multiple=True,
+              help="fsspec options for remote SOURCEs [default: --storage-option when on the root's protocol].")
+@click.option("--json", "as_json", is_flag=True, help="Print the new checkpoints' sidecars as JSON.")
+@_root_options
+def import_command(root: str, sources: tuple[str, ...], name: str | None, step: int | None, type_: str | None,
+                   description: str | None, source_options: tuple[str, ...], as_json: bool) -> int:
+    """Register existing files as checkpoints under ROOT, recording where they came from.
+
+    A SOURCE is a torch .pt/.bin file (a state dict, or a training checkpoint such as nanoGPT's
+    ckpt.pt with model, optimizer, iter_num, best_val_loss), a .safetensors file, an HF
+    save_pretrained folder, an HF Trainer checkpoint-N folder (steps, losses and metrics from
+    trainer_state.json; optimizer and scheduler when they load with weights_only=True), or a
+    whole Trainer output_dir. Local paths or fsspec URLs. Pickles are never unpickled beyond
+    tensors and plain containers. `ckpt inspect` shows the provenance (spec.fromLocalFiles,
+    spec.storageProvider, spec.sourcePath).
+    """
+    from ._import import import_checkpoints
+
+    state = click.get_current_context().ensure_object(_State)
+    options: dict[str, Any] = {}
+    for item in source_options:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="'--source-option'")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    infos = import_checkpoints(root, list(sources), name=name, step=step, type=type_, description=description,
+                               storage_options=state.storage_options or None,
+                               source_options=options if source_options else None)
+    if as_json:
+        _echo_json([info.to_json() for info in infos])
+        return EXIT_OK
+    for info in infos:
+        source = info.source
+        origin = "" if source is None else source.source_path or (
+            os.path.commonpath(source.from_local_files) if source.from_local_files else "")
+        click.echo(f"imported {_describe(info)} from {origin}")
+    return EXIT_OK
+
+
+@cli.command("export", epilog=_examples(
+    "ckpt export runs/gpt2-ft best ./gpt2-best",
+    "ckpt export s3://bucket/run checkpoint-500 ./gpt2-500 --dtype bfloat16 --json"))
+@click.argument("root")
+@click.argument("name")
+@click.argument("dest", type=click.Path(file_okay=False, writable=True))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Cast floating-point weights [default: as stored].")
+@click.option("--format", "format_", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest weights file before sharding.")
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, dest, files, size} as JSON.")
+@_root_options
+def export_command(root: str, name: str, dest: str, dtype: str | None, format_: str, max_shard_size: str,
+                   force: bool, as_json: bool) -> int:
+    """Write checkpoint NAME as an inference-only HF folder DEST.
+
+    Weights (optionally cast), config, generation config and tokenizer: what
+    AutoModel*.from_pretrained(DEST) needs, and no optimizer or training state. Works for any
+    checkpoint this library wrote (sharded or compressed ones too) that has a config.json.
+    """
+    from ._export import export_checkpoint
+
+    state = click.get_current_context().ensure_object(_State)
+    manager = _manager(root, writer=False)
+    info = manager.get(name)
+    target = export_checkpoint(root, info.name, dest, dtype=dtype, format=format_, force=force,
+                               max_shard_size=max_shard_size, storage_options=state.storage_options or None)
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    size = sum((target / f).stat().st_size for f in files)
+    if as_json:
+        _echo_json({"name": info.name, "id": info.id, "dest": str(target), "files": files, "size": size})
+    else:
+        click.echo(f"exported {_describe(info)} to {target} ({_count(len(files), 'file')}, {human_size(size)}"
+                   f"{', ' + dtype if dtype else ''})")
+    return EXIT_OK
+
+
+@cli.command("serve", epilog=_examples(
+    "ckpt serve runs/gpt2-ft best --port 8000",
+    "ckpt serve s3://bucket/run latest --host 0.0.0.0 --port 8080 --dtype bfloat16",
+    "",
+    "then, with the openai package:",
+    "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');"
+    " print(c.completions.create(model='checkpoint-700', prompt='Hello', max_tokens=8))\""))
+@click.argument("root")
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "transformers", "vllm"]), default="auto", show_default=True,
+              help="auto: vLLM when installed and a GPU is present, else transformers serve.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Cast the weights before serving [default: as stored].")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, model, baseUrl, backend, command} on start.")
+@_root_options
+def serve_command(root: str, name: str, host: str, port: int, backend: str, dtype: str | None,
+                  as_json: bool) -> int:
+    """Serve checkpoint NAME behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions).
+
+    The checkpoint is exported to a temporary HF folder and served by `transformers serve` (or
+    vLLM); the model id in requests is the checkpoint's name. Stops on Ctrl-C or SIGTERM.
+    Needs the [serve] extra: pip install 'ckpt-callback[serve]'.
+    """
+    from ._serve import Served, serve
+
+    state = click.get_current_context().ensure_object(_State)
+
+    def started(served: Served) -> None:
+        if as_json:
+            _echo_json(served.to_json())
+        else:
+            click.echo(f"serving {served.name} with {served.backend} at {served.base_url} (model id "
+                       f"{served.model!r}); Ctrl-C stops it")
+        sys.stdout.flush()
+
+    code = serve(root, name, host=host, port=port, backend=backend, dtype=dtype,
+                 storage_options=state.storage_options or None, on_start=started)
+    return EXIT_OK if code in (0, -2, -15, 130, 143) else EXIT_FAILED
 
 
 if __name__ == "__main__":

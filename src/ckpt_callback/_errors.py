@@ -9,6 +9,7 @@ The hierarchy::
     ├── InvalidArgumentError (ValueError)             a bad option (sort key, limit, ...)
     ├── CorruptCheckpointError (ValueError)           bytes or sidecar do not match
     │   └── SidecarError                              malformed or unknown-schema sidecar
+    ├── UnsupportedSourceError (ValueError)           `ckpt import`: not a checkpoint it can read safely
     ├── StorageError (OSError)                        the storage refused or failed
     ├── SaveError (RuntimeError)                      a (background) save failed
     └── RequestTimeoutError (TimeoutError)            a `ckpt request` got no answer in time
@@ -30,6 +31,7 @@ __all__ = [
     "SaveError",
     "SidecarError",
     "StorageError",
+    "UnsupportedSourceError",
 ]
 
 
@@ -71,3 +73,7 @@ class SaveError(CheckpointError, RuntimeError):
 
 class RequestTimeoutError(CheckpointError, TimeoutError):
     """A checkpoint request (``ckpt request --wait``) was not answered by the running job in time."""
+
+
+class UnsupportedSourceError(CheckpointError, ValueError):
+    """An import source with no weights we recognise, or pickled objects beyond tensors (never unpickled)."""

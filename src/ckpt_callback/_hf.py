@@ -79,6 +79,7 @@ class CheckpointCallback(TrainerCallback):
         **manager_options: Any,
     ) -> None:
         self.manager = CheckpointManager(root, **manager_options)
+        self._storage_options = manager_options.get("storage_options")
         self.trigger = SaveTrigger(every_n_steps, every_n_seconds)
         self.interrupts = Interrupts(save_on_signals, self.manager.requests, every=check_requests_every)
         self._training = False
@@ -105,6 +106,7 @@ class CheckpointCallback(TrainerCallback):
         """
         info = self.manager.latest() if name == "latest" else self.manager.get(name)
         if info is None:
+            self._hint_empty()
             return None
         local = self.manager.local_path(info.name)
         if local is not None:
@@ -118,6 +120,19 @@ class CheckpointCallback(TrainerCallback):
             reader = CheckpointManager(str(Path(folder).parent), writer=False)
         self._resume = (info.name, folder, reader)
         return folder
+
+    def _hint_empty(self) -> None:
+        """Training starts from scratch: say so when the root looks like something to import first."""
+        from ._hints import empty_root_hint
+        from ._storage import Storage
+
+        try:
+            hint = empty_root_hint(Storage(self.manager.root, self._storage_options))
+        except CheckpointError:
+            return
+        if hint is not None:
+            logger.warning("no checkpoint to resume from in %s, training starts from scratch: %s",
+                           self.manager.root, hint)
 
     # --- Trainer events -------------------------------------------------------------------------
 

@@ -8,11 +8,12 @@ survive restarts, other processes and a changed directory.
 from __future__ import annotations
 
 import builtins
+import fnmatch
 import logging
 import os
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from ._sidecar import (
     RESERVED_NAMES,
     CheckpointInfo,
     Monitor,
+    Source,
     check_relative_path,
     clean_metrics,
     clean_number,
@@ -200,6 +202,7 @@ class CheckpointManager:
         model_name: str | None = None,
         version: str | None = None,
         inference_ready: bool | None = None,
+        source: Source | None = None,
     ) -> CheckpointInfo | None:
         """Save a checkpoint and apply retention once it is committed.
 
@@ -215,6 +218,7 @@ class CheckpointManager:
             rng: save RNG states (default: when an optimizer is given).
             files: extra small files (relative path → bytes), e.g. ``config.json``.
             model_name, version, inference_ready: override what is derived from ``state``.
+            source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
 
         Returns:
             The committed checkpoint's `CheckpointInfo`; with ``async_save`` the one that will be
@@ -247,7 +251,7 @@ class CheckpointManager:
             train_loss=clean_number(train_loss, key="train_loss"), eval_loss=clean_number(eval_loss, key="eval_loss"),
             metrics=clean_metrics(metrics), model=model_name if model_name is not None else derived_name,
             version=version if version is not None else derived_version, inference_ready=bool(inference_ready),
-            monitor=Monitor(monitor, mode), run_id=self.run_id,
+            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source,
         )
         rng = rng if rng is not None else optimizer is not None
         if is_sharded(model):
@@ -579,17 +583,30 @@ class CheckpointManager:
         if info.run_id:
             self.run_id = info.run_id
 
-    def download(self, name: str, dest: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
+    def download(self, name: str, dest: str | os.PathLike[str], *, progress: bool | None = None,
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Path:
         """Copy checkpoint ``name`` into the local folder ``dest`` (created), checking every sha256.
 
         ``dest`` becomes the checkpoint folder itself (so ``from_pretrained(dest)`` works for HF
         models). Files are streamed, never held whole in memory; the sidecar is copied last.
         ``progress``: show a progress bar (default: on a terminal, for more than a few MB).
+        ``include``/``exclude``: glob patterns (``*.safetensors``, ``optimizer*``) matched against each
+        file's path: only files matching an include (default: all) and no exclude are copied.
 
         Raises:
             CorruptCheckpointError: a stored file does not match its sha256 (nothing is left half-copied).
         """
-        return self._reader.download(self.get(name), dest, progress=progress)
+        info = self.get(name)
+        only = None
+        if include or exclude:
+            only = {f.path for f in info.files
+                    if (not include or any(fnmatch.fnmatchcase(f.path, p) for p in include))
+                    and not any(fnmatch.fnmatchcase(f.path, p) for p in exclude or ())}
+            if not only:
+                raise InvalidArgumentError(
+                    f"no file of checkpoint {info.name!r} matches include={list(include or [])} "
+                    f"exclude={list(exclude or [])}; its files are {', '.join(f.path for f in info.files)}")
+        return self._reader.download(info, dest, progress=progress, only=only)
 
     def signed_urls(self, name: str, *, expires: int = 3600) -> dict[str, str]:
         """Pre-signed download URLs (relative path → URL) for every file of checkpoint ``name``.

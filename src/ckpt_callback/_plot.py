@@ -1,14 +1,17 @@
 """The loss plot of ``ckpt plot``: train and eval loss per checkpoint, types and the best one marked.
 
-A pure function of the sidecars (`CheckpointInfo` records); it never touches the checkpoint
-storage. matplotlib is an optional extra (``pip install 'ckpt-callback[plot]'``) and is
+With a loss history (HF runs: the ``log_history`` of ``trainer_state.json`` saved with each
+checkpoint) the lines are the run's whole train and eval loss, logged step by step, and the
+checkpoints are marked on them; without one, the lines join the checkpoints' own losses.
+Pure functions of the sidecars (`CheckpointInfo` records) and that history; they never touch
+the checkpoint storage. matplotlib is an optional extra (``pip install 'ckpt-callback[plot]'``) and is
 imported only when a plot is drawn. No pyplot: a bare `Figure` leaves no global state behind.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,27 @@ from ._sidecar import CHECKPOINT_TYPES, CheckpointInfo
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["MATPLOTLIB_MISSING", "plot_losses", "unsupported_suffix"]
+__all__ = ["MATPLOTLIB_MISSING", "draw_losses", "loss_history", "plot_losses", "unsupported_suffix"]
+
+History = Mapping[str, Sequence[tuple[float, float]]]  # "train_loss"/"eval_loss" -> [(step, loss), ...]
+
+
+def loss_history(trainer_state: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """The train and eval loss logged at each step, from a Trainer's ``trainer_state.json``.
+
+    Example:
+        >>> loss_history({"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}]})
+        {'train_loss': [(1, 2.0)], 'eval_loss': [(2, 1.5)]}
+    """
+    out: dict[str, list[tuple[float, float]]] = {"train_loss": [], "eval_loss": []}
+    for entry in trainer_state.get("log_history") or []:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("step"), int | float):
+            continue
+        for key, series in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
+            value = entry.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[series].append((entry["step"], float(value)))
+    return {k: sorted(v) for k, v in out.items()}
 
 MATPLOTLIB_MISSING = "ckpt plot needs matplotlib; install it with: pip install 'ckpt-callback[plot]'"
 
@@ -36,6 +59,7 @@ def plot_losses(
     monitor: str = "evalLoss",
     title: str = "",
     log_scale: bool = False,
+    history: History | None = None,
 ) -> Path:
     """Draw train and eval loss over steps, one point per checkpoint, and write it to ``output``.
 
@@ -49,6 +73,7 @@ def plot_losses(
         monitor: the quantity ``best`` was chosen by, for its label.
         title: the plot's title (usually the root).
         log_scale: a logarithmic loss axis.
+        history: the run's logged losses (`loss_history`); drawn as the lines when given.
 
     Returns:
         The path written.
@@ -63,6 +88,25 @@ def plot_losses(
         >>> plot_losses([a, b], "/tmp/ckpt-doc-plot.png", best=b).name
         'ckpt-doc-plot.png'
     """
+    path = Path(output)
+    problem = unsupported_suffix(path)
+    if problem is not None:
+        raise ValueError(f"cannot write {str(path)!r}: {problem}")
+    fig = draw_losses(infos, best=best, monitor=monitor, title=title, log_scale=log_scale, history=history)
+    fig.savefig(path, format=path.suffix.lstrip(".").lower())
+    return path
+
+
+def draw_losses(
+    infos: Sequence[CheckpointInfo],
+    *,
+    best: CheckpointInfo | None = None,
+    monitor: str = "evalLoss",
+    title: str = "",
+    log_scale: bool = False,
+    history: History | None = None,
+) -> Any:
+    """The matplotlib ``Figure`` that `plot_losses` writes (arguments as there)."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -70,17 +114,18 @@ def plot_losses(
         raise ImportError(MATPLOTLIB_MISSING) from exc
 
     points = sorted(infos, key=lambda i: (i.step, i.created_at))
-    if not any(i.train_loss is not None or i.eval_loss is not None for i in points):
+    history = {k: v for k, v in (history or {}).items() if v}
+    if not history and not any(i.train_loss is not None or i.eval_loss is not None for i in points):
         raise ValueError("no checkpoint records trainLoss or evalLoss; there is nothing to plot")
-    path = Path(output)
-    problem = unsupported_suffix(path)
-    if problem is not None:
-        raise ValueError(f"cannot write {str(path)!r}: {problem}")
     fig = Figure(figsize=(9, 5.5), dpi=150, layout="constrained")
 
     ax = fig.add_subplot()
-    _series(ax, points, "train_loss", _TRAIN_COLOR, hollow=True)
-    _series(ax, points, "eval_loss", _EVAL_COLOR, hollow=False)
+    for attr, color, dashed in (("train_loss", _TRAIN_COLOR, False), ("eval_loss", _EVAL_COLOR, True)):
+        logged = history.get(attr)
+        if logged:
+            ax.plot([s for s, _ in logged], [v for _, v in logged], color=color, linestyle="--" if dashed else "-",
+                    linewidth=1.2, alpha=0.85, zorder=2, label=f"{attr} history")
+        _series(ax, points, attr, color, hollow=not dashed, line=not logged)
     for info in points:
         y = info.eval_loss if info.eval_loss is not None else info.train_loss
         if info.type == "manual" and y is not None:  # user-chosen names say something; others would clutter
@@ -102,8 +147,11 @@ def plot_losses(
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"loss per checkpoint: {title}" if title else "loss per checkpoint", loc="left", fontsize=11)
-    ax.set_title(f"{len(points)} checkpoints", loc="right", fontsize=9, color="0.4")
+    heading = "loss history" if history else "loss per checkpoint"
+    ax.set_title(f"{heading}: {title}" if title else heading, loc="left", fontsize=11)
+    logged_steps = len({s for series in history.values() for s, _ in series})
+    ax.set_title(f"{len(points)} checkpoints" + (f", {logged_steps} logged steps" if history else ""),
+                 loc="right", fontsize=9, color="0.4")
 
     handles: list[Any] = [
         Line2D([], [], color=_TRAIN_COLOR, marker="o", markerfacecolor="white", label="train loss"),
@@ -118,8 +166,7 @@ def plot_losses(
         handles.append(Line2D([], [], color=_BEST_COLOR, marker="o", markeredgecolor="none", linestyle=":",
                               markersize=14, alpha=0.6, label=f"best by {monitor}"))
     ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.9)
-    fig.savefig(path, format=path.suffix.lstrip(".").lower())
-    return path
+    return fig
 
 
 def unsupported_suffix(path: str | os.PathLike[str]) -> str | None:
@@ -138,13 +185,15 @@ def unsupported_suffix(path: str | os.PathLike[str]) -> str | None:
     return f"the suffix must be one of .{', .'.join(sorted(formats))}"
 
 
-def _series(ax: Axes, points: Sequence[CheckpointInfo], attr: str, color: str, *, hollow: bool) -> None:
-    """One loss as a line through the checkpoints that have it, each point shaped by its type."""
+def _series(ax: Axes, points: Sequence[CheckpointInfo], attr: str, color: str, *, hollow: bool,
+            line: bool = True) -> None:
+    """One loss at the checkpoints that have it (joined by a line unless a history is drawn), shaped by type."""
     have = [i for i in points if getattr(i, attr) is not None]
     if not have:
         return
-    ax.plot([i.step for i in have], [getattr(i, attr) for i in have], color=color,
-            linestyle="-" if hollow else "--", linewidth=1.6, zorder=2)
+    if line:
+        ax.plot([i.step for i in have], [getattr(i, attr) for i in have], color=color,
+                linestyle="-" if hollow else "--", linewidth=1.6, zorder=2)
     for kind in CHECKPOINT_TYPES:
         group = [i for i in have if i.type == kind]
         if group:

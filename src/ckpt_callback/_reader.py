@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -324,8 +324,15 @@ class Reader:
                      if not is_library_temp(rel)]
         return problems
 
-    def download(self, info: CheckpointInfo, dest: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
-        """Copy checkpoint ``info`` into local folder ``dest``, each file sha256-checked before it lands."""
+    def download(self, info: CheckpointInfo, dest: str | os.PathLike[str], *, progress: bool | None = None,
+                 only: Collection[str] | None = None) -> Path:
+        """Copy checkpoint ``info`` into local folder ``dest``, each file sha256-checked before it lands.
+
+        ``only``: copy just these files; the sidecar in ``dest`` then lists just them (so it verifies).
+        """
+        if only is not None:
+            kept = tuple(f for f in info.files if f.path in only)
+            info = info.replace(files=kept, size=sum(f.size for f in kept), updated_at=info.updated_at)
         target = Path(dest)
         target.mkdir(parents=True, exist_ok=True)
         base = target.resolve()

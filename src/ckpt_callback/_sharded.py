@@ -317,6 +317,11 @@ def remove_files(storage: Storage, folder: str, entries: list[FileEntry]) -> Non
 # --- reading ------------------------------------------------------------------------------------
 
 
+def is_training_part(rel: str) -> bool:
+    """Whether ``rel`` is one of a sharded checkpoint's shard, optimizer or per-rank files (not for inference)."""
+    return rel.partition("/")[0] in (MODEL_DIR, OPTIMIZER_DIR, RANKS_DIR) and "/" in rel
+
+
 def read_by_dcp(rel: str) -> bool:
     """Whether DCP's reader reads file ``rel`` of a sharded checkpoint (every safetensors file of its folders)."""
     folder, _, base = rel.rpartition("/")

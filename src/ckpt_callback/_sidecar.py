@@ -13,6 +13,7 @@ does the same for other JSON files, and `dumps_strict` writes JSON that has no
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "FileEntry",
     "Monitor",
     "Sharding",
+    "Source",
     "check_relative_path",
     "clean_metrics",
     "clean_number",
@@ -182,6 +184,32 @@ class Sharding:
                 "consolidated": self.consolidated}
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where an imported checkpoint came from (FlexAI's ``spec``): its provenance, recorded once.
+
+    ``from_local_files``: the local files it was made from (absolute paths); ``storage_provider``:
+    the fsspec protocol of a remote source (``s3``, ``gs``, ...), else ""; ``source_path``: the
+    remote source URL, else "".
+    """
+
+    from_local_files: tuple[str, ...] = ()
+    storage_provider: str = ""
+    source_path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fromLocalFiles": list(self.from_local_files), "storageProvider": self.storage_provider,
+                "sourcePath": self.source_path}
+
+
+def _user() -> str | None:
+    """The writing process's user name, if the system knows one."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers) and no USER/LOGNAME
+        return None
+
+
 # snake_case attribute -> camelCase key on storage, in the documented order
 _KEYS = {
     "schema_version": "schemaVersion",
@@ -205,6 +233,8 @@ _KEYS = {
     "monitor": "monitor",
     "run_id": "runId",
     "sharding": "sharding",
+    "created_by": "createdBy",
+    "source": "source",
 }
 _ATTRS = {camel: snake for snake, camel in _KEYS.items()}
 _REQUIRED = ("id", "name", "type", "step", "createdAt")
@@ -245,6 +275,8 @@ class CheckpointInfo:
     monitor: Monitor | None = None
     run_id: str | None = None
     sharding: Sharding | None = None
+    created_by: str | None = field(default_factory=_user)
+    source: Source | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __getattr__(self, key: str) -> Any:
@@ -290,7 +322,7 @@ class CheckpointInfo:
                 value = {k: v for k, v in value.items() if _finite(v) is not None}
             elif attr in ("epoch", "train_loss", "eval_loss"):
                 value = None if _finite(value) is None else value
-            elif attr == "monitor":
+            elif attr in ("monitor", "source"):
                 value = None if value is None else value.to_json()
             elif attr == "sharding":  # only sharded checkpoints have the key
                 if value is None:
@@ -358,6 +390,8 @@ class CheckpointInfo:
             monitor=check.monitor(),
             run_id=check.text("runId", nullable=True),
             sharding=check.sharding(),
+            created_by=check.text("createdBy", nullable=True),
+            source=check.source(),
         )
 
     @classmethod
@@ -467,6 +501,20 @@ class _Checker:
         return Sharding(world_size=int(world), engine=value.get("engine", ""), format=value.get("format", ""),
                         meshes=tuple(tuple(int(d) for d in m) for m in meshes), placements=tuple(placements),
                         consolidated=value.get("consolidated", False))
+
+    def source(self) -> Source | None:
+        value = self.data.get("source")
+        if value is None:
+            return None
+        expected = 'null or {"fromLocalFiles": [paths], "storageProvider": "...", "sourcePath": "..."}'
+        if not isinstance(value, dict):
+            raise self.bad("source", expected)
+        local = value.get("fromLocalFiles", [])
+        provider, path = value.get("storageProvider", ""), value.get("sourcePath", "")
+        if (not isinstance(local, list) or not all(isinstance(p, str) and _is_text(p) for p in local)
+                or not all(isinstance(v, str) and _is_text(v) for v in (provider, path))):
+            raise self.bad("source", expected)
+        return Source(from_local_files=tuple(local), storage_provider=provider, source_path=path)
 
     def files(self) -> tuple[FileEntry, ...]:
         value = self.data.get("files", [])

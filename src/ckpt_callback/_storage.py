@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import logging
 import mmap
 import os
@@ -29,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ._layout import STAGING_PREFIX, TMP_INFIX
 
-__all__ = ["UPLOAD_PART_SIZE", "Storage", "fsync_dir"]
+__all__ = ["S3_CONFIG_DEFAULTS", "UPLOAD_PART_SIZE", "Storage", "fsync_dir"]
 
 logger = logging.getLogger("ckpt_callback")
 
@@ -54,6 +55,22 @@ def _secrets(options: dict[str, Any]) -> list[str]:
     return found
 
 
+# S3 client defaults where the caller set none: a wrong endpoint fails in seconds, not after
+# botocore's 5 legacy attempts with 60 s connect timeouts; transient errors are retried by
+# `Storage._call` (and botocore's standard mode, which backs off on throttling).
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"}}
+
+
+def _with_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus `S3_CONFIG_DEFAULTS` for s3:// roots (a value the caller gave wins)."""
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        for key, value in copy.deepcopy(S3_CONFIG_DEFAULTS).items():  # botocore rewrites `retries` in place
+            config.setdefault(key, value)
+        options["config_kwargs"] = config
+    return options
+
+
 class Storage:
     """A checkpoint root on any fsspec filesystem.
 
@@ -71,7 +88,7 @@ class Storage:
         self.url = os.fspath(root)
         if not self.url:
             raise StorageError("checkpoint root is empty; give a folder or an fsspec URL such as s3://bucket/run")
-        options = dict(storage_options or {})
+        options = _with_defaults(self.url, dict(storage_options or {}))
         self._secrets = _secrets(options)
         try:
             self.fs, path = fsspec.core.url_to_fs(self.url, **options)
@@ -98,12 +115,14 @@ class Storage:
             text = text.replace(secret, "***")
         return text
 
-    def _call(self, what: str, rel: str, fn: Callable[[], T], *, write: bool = False) -> T:
+    def _call(self, what: str, rel: str, fn: Callable[[], T], *, write: bool = False,
+              retries: int | None = None) -> T:
         """Run ``fn``, retrying transient failures with backoff, translating errors at one place.
 
         A missing path is `CheckpointNotFoundError` when reading and `StorageError` when writing.
         """
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 return fn()
             except CheckpointError:
@@ -113,7 +132,7 @@ class Storage:
                     raise StorageError(self._scrub(f"{what} failed at {self.display(rel)}: {_describe(exc)}")) from exc
                 raise CheckpointNotFoundError(self._scrub(f"{what}: {self.display(rel)} does not exist")) from exc
             except Exception as exc:
-                if attempt < self.retries and _is_transient(exc):
+                if attempt < retries and _is_transient(exc):
                     delay = self.backoff * 2**attempt
                     logger.warning("%s failed (%s), retrying in %.1fs", what, self._scrub(repr(exc)), delay)
                     time.sleep(delay)
@@ -135,7 +154,21 @@ class Storage:
         return self._call("checking", rel, lambda: self.fs.exists(self.path(rel)))
 
     def bucket_exists(self, bucket: str) -> bool:
-        return self._call("checking", "", lambda: self.fs.exists(bucket))
+        def probe() -> bool:
+            call_s3 = getattr(self.fs, "call_s3", None)
+            if call_s3 is None:
+                return bool(self.fs.exists(bucket))
+            # s3fs's exists() answers False for an endpoint it cannot reach; HEAD tells the two apart.
+            try:
+                call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                return False
+            except PermissionError:  # may still be usable (a bucket one can read but not HEAD)
+                return bool(self.fs.exists(bucket))
+            return True
+        # The first request to a root: an endpoint that does not answer now is a wrong one (a typo,
+        # no VPN), and waiting longer does not help; the client's own attempts are enough.
+        return self._call("checking", "", probe, retries=0)
 
     def read_bytes(self, rel: str, *, limit: int | None = None) -> bytes:
         """The bytes of ``rel``; with ``limit``, at most ``limit + 1`` of them are read (a caller
