@@ -210,6 +210,23 @@ def ours_sync(c: Ctx) -> dict[str, float]:
     return {"durable": t}
 
 
+@row("ours_sync_consolidated")
+def ours_sync_consolidated(c: Ctx) -> dict[str, float]:
+    """The same with `consolidate="always"`: rank 0 also merges the model shards into HF-layout weights and drops
+    the shards (what a `final` save does by default)
+    """
+    from ckpt_callback import CheckpointManager
+
+    d = c.fresh("ours_sync_consolidated")
+    mgr = CheckpointManager(d, keep_last=None, consolidate="always")
+    t0 = start()
+    mgr.save(c.model, step=c.round + 1, optimizer=c.opt)
+    t = time.perf_counter() - t0
+    mgr.close()
+    c.state["bytes:ours_sync_consolidated"] = tree_bytes(d) if RANK == 0 else 0
+    return {"durable": t}
+
+
 @row("ours_async")
 def ours_async(c: Ctx) -> dict[str, float]:
     """`CheckpointManager(dir, async_save=True).save(...)`: stall until it returns, durable until `wait()` returns (one
@@ -547,6 +564,14 @@ def render(args: argparse.Namespace, meta: dict[str, Any], results: dict[str, li
             f"streams each tensor); ours takes {ours / hf:.2f}x the HF writer ({ours - hf:+.2f} s): on top of it, "
             "sha256 of every byte on the write path, per-rank RNG files, the rank-0 commit (sidecar) and its "
             "collectives.")
+    cons = m("ours_sync_consolidated")
+    if ours and cons:
+        notes.append(
+            f"- Consolidation: a sync save that also merges the model into HF-layout weights takes {cons / ours:.2f}x "
+            f"the sharded one ({cons:.2f} s vs {ours:.2f} s). It is rank 0's alone (it reads the model's shards back, "
+            "holds the whole model in host memory once and writes it again), so its share grows with the world size "
+            "while a sharded save's shrinks: only `final` saves consolidate by default (`consolidate=`), and "
+            "`ckpt export` makes an HF folder of any checkpoint.")
     oa, oa_stall = m("ours_async"), m("ours_async", "stall")
     da, da_stall = m("dcp_async_save"), m("dcp_async_save", "stall")
     dr, dr_stall = m("dcp_async_save_reused_stager"), m("dcp_async_save_reused_stager", "stall")
