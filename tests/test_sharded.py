@@ -274,3 +274,21 @@ def test_a_consolidated_final_loads_with_from_pretrained_and_a_sharded_one_says_
         AutoModelForCausalLM.from_pretrained(Path(root, sharded.name))
     loaded = manager.load("checkpoint-1")  # tied names come back as one tensor under each name
     assert loaded["lm_head.weight"] is loaded["transformer.wte.weight"]
+
+
+def test_the_cli_inspects_verifies_downloads_and_deletes_sharded_checkpoints(tmp_path: Path, capsys):
+    from ckpt_callback._cli import main
+
+    folder = single_rank_checkpoint(tmp_path / "root")
+    root = str(folder.parent)
+    assert main(["verify", root]) == 0
+    capsys.readouterr()
+    assert main(["inspect", root, "checkpoint-1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["spec"]["sharding"]["worldSize"] == 1 and doc["status"]["metadata"]["inferenceReady"] is False
+    assert main(["download", root, "checkpoint-1", str(tmp_path / "copy")]) == 0
+    copy = CheckpointManager(str(tmp_path)).get("copy")  # the download is itself a sharded checkpoint
+    assert torch.equal(CheckpointManager(str(tmp_path)).load("copy")["0.weight"],
+                       CheckpointManager(root).load("checkpoint-1")["0.weight"]) and copy.sharding is not None
+    assert main(["delete", root, "checkpoint-1", "--yes"]) == 0
+    assert not folder.exists() and CheckpointManager(root).list().data == []

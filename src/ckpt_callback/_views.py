@@ -250,7 +250,7 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
     """FlexAI's ``checkpoint inspect`` document of ``info``, with our extra fields beside FlexAI's.
 
     FlexAI's fields are where FlexAI puts them, with its types (sizes as text such as
-    ``343.79 MB``); ours are added: ``spec.root/path/type/description/epoch/metrics/runId``,
+    ``343.79 MB``); ours are added: ``spec.root/path/type/description/epoch/metrics/runId/sharding``,
     ``sizeBytes`` and each file's ``sha256``.
 
     Example:
@@ -278,6 +278,7 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
             "epoch": info.epoch,
             "metrics": dict(info.metrics),
             "runId": info.run_id,
+            "sharding": info.sharding.to_json() if info.sharding else None,
         },
         "status": {
             "status": "available",  # a sidecar exists only for a complete, committed checkpoint
