@@ -41,6 +41,7 @@ __all__ = ["LEASE_SECONDS", "CommitProtocol", "Lease", "Transaction"]
 
 logger = logging.getLogger("ckpt_callback")
 
+_SETTLE = 1.0  # seconds between the two quiet looks before a dead writer's folder loses its lease (object stores)
 LEASE_SECONDS = 60.0  # a lease is refreshed every quarter of this; expired one more period later, it is dead
 _HOST = socket.gethostname()
 
@@ -312,7 +313,7 @@ class CommitProtocol:
         staged = self.storage.is_local or state.kind == "committed"
         folder = f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}" if staged else name
         if state.kind == "dead" and not staged:
-            self.storage.remove_tree(name, last=MARKER)  # a crashed attempt: its writer is gone
+            self.storage.remove_tree(name, last=MARKER, settle=_SETTLE)  # a crashed attempt: its writer is gone
         lease = _LEASES.hold(self.storage, folder, "write", name)
         if not staged:
             # No compare-and-swap on object stores: read the marker back, the last writer wins it.
@@ -461,7 +462,7 @@ class CommitProtocol:
             if not folder.startswith(".") and MARKER in files:
                 state = self.state(folder)
                 if state.kind == "dead":
-                    s.remove_tree(folder, last=MARKER)
+                    s.remove_tree(folder, last=MARKER, settle=_SETTLE)
                     done.append(folder)
                 elif state.kind == "committed" and state.lease is not None and not state.lease.alive():
                     s.remove(f"{folder}/{MARKER}")  # a stale lease on a committed checkpoint

@@ -322,11 +322,15 @@ class Storage:
             return {p[len(base):]: d for p, d in found.items() if p.startswith(base) and d.get("type") != "directory"}
         return self._call("listing", rel, find)
 
-    def remove_tree(self, rel: str, *, last: str | None = None) -> None:
+    def remove_tree(self, rel: str, *, last: str | None = None, settle: float = 0.0) -> None:
         """Remove folder ``rel`` and everything below it, file by literal file (no glob expansion).
 
         ``last``: a file removed after all others (the lease marker), so a delete killed half-way
         still leaves a folder that cleanup knows is ours.
+        ``settle`` (object stores): the folder of a writer that was killed may still receive its last
+        upload, which the server completes after the client is gone; the lease stays until two looks
+        ``settle`` seconds apart find nothing else, so such a late file lands in a folder cleanup still
+        knows is ours, and is removed with it.
         """
         if self.is_local:
             # Deliberate local fast path: one tree removal instead of a call per file.
@@ -334,12 +338,19 @@ class Storage:
 
             self._call("deleting", rel, lambda: shutil.rmtree(self.path(rel), ignore_errors=True))
             return
-        for _ in range(2):  # a second look: a dead writer's last request may land after the first
-            files = sorted(self.list_files(rel), key=lambda f: f == last)
-            for f in files:
+        quiet, looks = 0, 0
+        while looks < (6 if settle else 2):  # a second look: a dead writer's last request may land after the first
+            looks += 1
+            others = [f for f in self.list_files(rel) if f != last]
+            for f in others:
                 self.remove(f"{rel}/{f}")
-            if not files:
+            quiet = 0 if others else quiet + 1
+            if quiet >= (2 if settle else 1):
                 break
+            if settle:
+                time.sleep(settle)
+        if last is not None:
+            self.remove(f"{rel}/{last}")
         with contextlib.suppress(CheckpointError):  # pseudo-folders (memory://, some S3 servers)
             self._call("deleting", rel, lambda: self.fs.rmdir(self.path(rel)))
         self.fs.invalidate_cache(self.path(rel))
