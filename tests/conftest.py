@@ -189,7 +189,9 @@ class TrialProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def lines(self) -> list[str]:
-        return self.stdout().splitlines()
+        """Complete lines of stdout: a line the SIGKILL cut short (no newline yet) is not one."""
+        text = self.stdout()
+        return text[: text.rfind("\n") + 1].splitlines()
 
     def poll(self) -> int | None:
         if self.returncode is None:
