@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from _rank_report import Saves, finish, watch_saves
-from ckpt_callback import CheckpointHook, CheckpointManager
+from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager
 
 CURRENT_STEP = 0
 
@@ -182,9 +182,13 @@ def main() -> None:
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            info = CheckpointManager(args.root, **options).restore(args.arg, model=model, optimizer=optimizer)
-        report(rank, None, step=info.step, digest=full_digest(model, optimizer),
-               warnings=[str(w.message) for w in caught if "RNG" in str(w.message)])
+            try:
+                info = CheckpointManager(args.root, **options).restore(args.arg, model=model, optimizer=optimizer)
+            except CheckpointError as exc:  # every rank must get here, none may hang
+                report(rank, None, error=f"{type(exc).__name__}: {exc}")
+            else:
+                report(rank, None, step=info.step, digest=full_digest(model, optimizer),
+                       warnings=[str(w.message) for w in caught if "RNG" in str(w.message)])
     if distributed:
         finish()
 

@@ -156,6 +156,18 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path)
     assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-6"]
 
 
+def test_a_damaged_file_only_one_rank_reads_fails_the_restore_on_every_rank(tmp_path: Path):
+    root = str(tmp_path / "r")
+    run(tmp_path, "train", root, "2", "--consolidate", "never")
+    own = Path(root, "checkpoint-2", "ranks", "rank-00001.safetensors")  # read by rank 1 alone
+    data = bytearray(own.read_bytes())
+    data[-1] ^= 0xFF
+    own.write_bytes(bytes(data))
+    _, _, reports = run(tmp_path, "restore", root, "checkpoint-2", env={"CKPT_COLLECTIVE_TIMEOUT": "30"})
+    assert reports[1]["error"].startswith("CorruptCheckpointError") and "sha256" in reports[1]["error"]
+    assert reports[0]["error"].startswith("CorruptCheckpointError") and "on rank 1" in reports[0]["error"]
+
+
 SINGLE_RANK = """
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh

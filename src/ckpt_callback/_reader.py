@@ -137,7 +137,7 @@ class Reader:
         """The model state dict of ``info``; tied names come back as one tensor under each name."""
         if info.sharding is not None and not info.sharding.consolidated:
             aliases = self.sharded_aliases(info, verify=verify)
-            with self.dcp_folder(info, verify=verify) as folder:
+            with self.dcp_folder(info, (sharded.MODEL_DIR,), verify=verify) as folder:
                 full = sharded.load_plain(os.path.join(folder, sharded.MODEL_DIR))
             add_aliases(full, aliases, where=self.storage.display(info.name))
             return full
@@ -195,7 +195,7 @@ class Reader:
         doc = self.read_bytes(info, TRAINING_STATE_FILE, verify=verify)
         tensors: dict[str, torch.Tensor] = {}
         if info.sharding is not None:
-            with self.dcp_folder(info, verify=verify) as folder:
+            with self.dcp_folder(info, (sharded.OPTIMIZER_DIR,), verify=verify) as folder:
                 path = os.path.join(folder, sharded.OPTIMIZER_DIR)
                 tensors = sharded.load_plain(path) if os.path.isdir(path) else {}
         elif self.entry(info, OPTIMIZER_FILE) is not None:
@@ -205,16 +205,17 @@ class Reader:
     # --- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
 
     @contextlib.contextmanager
-    def dcp_folder(self, info: CheckpointInfo, *, verify: bool, group: Any = None,
+    def dcp_folder(self, info: CheckpointInfo, parts: tuple[str, ...], *, verify: bool, group: Any = None,
                    split: bool = False) -> Iterator[str]:
-        """A local folder with the files DCP reads of ``info``, each checked against the sidecar first.
+        """A local folder with the files DCP reads of ``info``'s folders ``parts``, each checked
+        against the sidecar first.
 
         A local root is used in place (DCP reads every ``*.safetensors`` of a folder, so an unlisted
         one there is an error); from object stores the files are downloaded to a temporary folder.
         ``split``: every rank of ``group`` checks a part and all agree (a collective call).
         """
         rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
-        wanted = [e for e in info.files if sharded.read_by_dcp(e.path)]
+        wanted = [e for e in info.files if sharded.read_by_dcp(e.path, parts)]
         scratch: str | None = None
         error: BaseException | None = None
         folder = ""
@@ -223,7 +224,7 @@ class Reader:
                 folder = self.storage.path(info.name)
                 listed = {e.path for e in info.files}
                 for rel in self.storage.list_files(info.name):
-                    if sharded.read_by_dcp(rel) and rel not in listed:
+                    if sharded.read_by_dcp(rel, parts) and rel not in listed:
                         raise CorruptCheckpointError(
                             f"{self._where(info, rel)} is not listed in the checkpoint's sidecar; remove it")
                 for entry in wanted[rank::world] if verify else []:
@@ -267,22 +268,30 @@ class Reader:
             if rng and self.has_training_state(info):
                 self.training_state(info, verify=verify).apply(rng=True)
             return
-        skeleton = None
-        if self.has_training_state(info):
-            where = self._where(info, TRAINING_STATE_FILE)
-            skeleton = sharded.parse_skeleton(
-                loads_strict(self.read_bytes(info, TRAINING_STATE_FILE, verify=verify), where), where)
-        rank_state = None
-        own = (sharded.rank_file(distributed.rank(), "json"), sharded.rank_file(distributed.rank(), "safetensors"))
-        if rng and info.sharding.world_size == distributed.world_size() and all(self.entry(info, r) for r in own):
-            tensors, _ = self.read_tensors(info, own[1], verify=verify)
-            rank_state = (self.read_bytes(info, own[0], verify=verify), tensors)
-        full_model = self.load(info, verify=verify) if info.sharding.consolidated else None
-        with self.dcp_folder(info, verify=verify, group=group, split=True) as folder:
+        consolidated = info.sharding.consolidated
+        skeleton = rank_state = full_model = None
+        aliases: dict[str, str] = {}
+        error: BaseException | None = None
+        try:  # what each rank reads on its own: every rank must hear of a failure before the collectives
+            if self.has_training_state(info):
+                where = self._where(info, TRAINING_STATE_FILE)
+                skeleton = sharded.parse_skeleton(
+                    loads_strict(self.read_bytes(info, TRAINING_STATE_FILE, verify=verify), where), where)
+            own = (sharded.rank_file(distributed.rank(), "json"),
+                   sharded.rank_file(distributed.rank(), "safetensors"))
+            if rng and info.sharding.world_size == distributed.world_size() and all(self.entry(info, r) for r in own):
+                tensors, _ = self.read_tensors(info, own[1], verify=verify)
+                rank_state = (self.read_bytes(info, own[0], verify=verify), tensors)
+            full_model = self.load(info, verify=verify) if consolidated else None
+            aliases = self.sharded_aliases(info, verify=verify)
+        except BaseException as exc:
+            error = exc
+        distributed.agree(error, group=group)
+        parts = (sharded.OPTIMIZER_DIR,) if consolidated else (sharded.MODEL_DIR, sharded.OPTIMIZER_DIR)
+        with self.dcp_folder(info, parts, verify=verify, group=group, split=True) as folder:
             values = sharded.load_into(folder, module, full_model=full_model, optimizer=optimizer, skeleton=skeleton,
-                                       aliases=self.sharded_aliases(info, verify=verify),
-                                       saved_world=info.sharding.world_size, rank_state=rank_state, rng=rng,
-                                       strict=strict, group=group)
+                                       aliases=aliases, saved_world=info.sharding.world_size, rank_state=rank_state,
+                                       rng=rng, strict=strict, group=group)
         if scheduler is not None and isinstance(values, dict) and "scheduler" in values:
             try:
                 scheduler.load_state_dict(values["scheduler"])

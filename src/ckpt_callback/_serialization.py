@@ -88,7 +88,8 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr())
 
 
-def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+def view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same view of the same memory (tied weights)."""
     return (*_storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -118,7 +119,7 @@ def dedupe_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
         if tensor.numel() == 0 or tensor.layout != torch.strided:
             kept[name] = tensor
             continue
-        view = _view_key(tensor)
+        view = view_key(tensor)
         if view in by_view:
             aliases[name] = by_view[view]
             continue
@@ -537,6 +538,25 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
         )
 
     return walk(obj, prefix), tensors
+
+
+def tensor_keys(skeleton: Any) -> list[str]:
+    """The keys of the tensors a `flatten_state` skeleton refers to, in order."""
+    keys: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if len(value) == 1 and next(iter(value)) in (_TENSOR, _NDARRAY):
+                keys.append(next(iter(value.values())))
+                return
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(skeleton)
+    return keys
 
 
 def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor], *, where: str = "training state") -> Any:

@@ -39,7 +39,7 @@ import torch
 
 from . import _distributed as distributed
 from ._errors import CorruptCheckpointError, InvalidArgumentError, SaveError
-from ._serialization import ParallelDigest, flatten_state, unflatten_state
+from ._serialization import ParallelDigest, flatten_state, tensor_keys, unflatten_state, view_key
 from ._sidecar import FileEntry, Sharding
 from ._storage import Storage, fsync_dir
 from ._training import TrainingState
@@ -94,8 +94,7 @@ def untie(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict
     seen: dict[tuple[Any, ...], str] = {}
     for name, tensor in model.items():
         local = tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
-        key = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape),
-               tuple(local.stride()), local.dtype) if local.numel() else None
+        key = view_key(local) if local.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -140,10 +139,6 @@ class ShardedState:
         rank_state = TrainingState.capture(rng=True) if rng else None
         model, aliases = untie(cast(dict[str, torch.Tensor], dict(model_sd)))
         return cls(model, tensors, skeleton, rank_state, aliases)
-
-    @property
-    def has_training_state(self) -> bool:
-        return self.skeleton is not None or self.rank_state is not None
 
     def snapshot(self, area: Any) -> ShardedState:
         """A copy of this rank's shards in the staging buffers of ``area`` (the only stall of an async save)."""
@@ -322,10 +317,11 @@ def is_training_part(rel: str) -> bool:
     return rel.partition("/")[0] in (MODEL_DIR, OPTIMIZER_DIR, RANKS_DIR) and "/" in rel
 
 
-def read_by_dcp(rel: str) -> bool:
-    """Whether DCP's reader reads file ``rel`` of a sharded checkpoint (every safetensors file of its folders)."""
+def read_by_dcp(rel: str, parts: tuple[str, ...] = (MODEL_DIR, OPTIMIZER_DIR)) -> bool:
+    """Whether DCP's reader reads file ``rel`` of a sharded checkpoint when it reads the folders ``parts``
+    (every safetensors file in them)."""
     folder, _, base = rel.rpartition("/")
-    return base.endswith(".safetensors") and folder in ("", MODEL_DIR, OPTIMIZER_DIR)
+    return base.endswith(".safetensors") and folder in parts
 
 
 def parse_skeleton(doc: Any, where: str) -> Any:
@@ -377,10 +373,12 @@ def _dcp_errors(path: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise _unfit(path, exc) from exc
-    except BaseException as exc:  # DCP's CheckpointException
-        if type(exc).__name__ != "CheckpointException":
+    except BaseException as exc:  # DCP's CheckpointException: the first failed rank's error
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if not isinstance(exc, CheckpointException):
             raise
-        first = next(iter(getattr(exc, "failures", {}).values()), (exc, None))[0]
+        first = next(iter(exc.failures.values()), (exc, None))[0]
         raise _unfit(path, first) from exc
 
 
@@ -411,9 +409,11 @@ def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, tor
     no_dist = distributed.world_size() == 1
     options = StateDictOptions(strict=strict)
     with _dcp_errors(folder), warnings.catch_warnings():
-        for sub in (MODEL_DIR, OPTIMIZER_DIR):  # before DCP fills live tensors from them
-            if (full_model is None or sub == OPTIMIZER_DIR) and os.path.isdir(os.path.join(folder, sub)):
-                _tensor_metadata(os.path.join(folder, sub))
+        # Every shard's offsets are checked before DCP fills live tensors from them.
+        if full_model is None:
+            _tensor_metadata(os.path.join(folder, MODEL_DIR))
+        optimizer_dir = os.path.join(folder, OPTIMIZER_DIR)
+        saved = _tensor_metadata(optimizer_dir) if os.path.isdir(optimizer_dir) else {}
         warnings.filterwarnings("ignore", message=".*single process.*")
         if full_model is not None:
             set_model_state_dict(module, cast(Any, full_model),
@@ -433,9 +433,9 @@ def load_into(folder: str, module: torch.nn.Module, *, full_model: dict[str, tor
         if skeleton is not None:
             live = flatten_state({"optimizer": get_optimizer_state_dict(module, optimizer, options=options)})[1] \
                 if use_optimizer else {}
-            targets = _targets(os.path.join(folder, OPTIMIZER_DIR), skeleton, live)
+            targets = _targets(optimizer_dir, skeleton, live, saved)
             if targets:
-                dcp.load(targets, storage_reader=HuggingFaceStorageReader(os.path.join(folder, OPTIMIZER_DIR)),
+                dcp.load(targets, storage_reader=HuggingFaceStorageReader(optimizer_dir),
                          process_group=group, no_dist=no_dist)
             values = unflatten_state(skeleton, targets, where=os.path.join(folder, "training_state.json"))
         if use_optimizer:
@@ -490,28 +490,12 @@ def _lenient_planner() -> Any:
     return DefaultLoadPlanner(allow_partial_load=True)
 
 
-def _targets(path: str, skeleton: Any, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _targets(path: str, skeleton: Any, live: dict[str, torch.Tensor],
+             metadata: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """Tensors to load the training state into: the live optimizer's (resharded in place) where it
     has one, else plain tensors of the saved shape (scheduler, extra)."""
-
-    keys: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            if set(value) == {"__tensor__"} or set(value) == {"__ndarray__"}:
-                keys.append(next(iter(value.values())))
-                return
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(skeleton)
-    missing = [k for k in keys if k not in live]
-    metadata = _tensor_metadata(path) if missing else {}
     targets = {}
-    for key in keys:
+    for key in tensor_keys(skeleton):
         if key in live:
             targets[key] = live[key]
         elif key in metadata:

@@ -14,11 +14,9 @@ from typing import Any
 
 import torch
 
+from ._serialization import view_key
+
 __all__ = ["StagingArea"]
-
-
-def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 class StagingArea:
@@ -59,7 +57,7 @@ class StagingArea:
             if source.layout != torch.strided:
                 out[key] = source.to("cpu", copy=True)
                 continue
-            alias = _view_key(source) if source.numel() else None
+            alias = view_key(source) if source.numel() else None
             if alias is not None and alias in seen:
                 out[key] = seen[alias]
                 continue
