@@ -95,14 +95,7 @@ def human_size(size: int) -> str:
         >>> human_size(343_790_000), human_size(512)
         ('343.79 MB', '512 B')
     """
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("kB", "MB", "GB", "TB"):
-        value /= 1000
-        if round(value, 2) < 1000:
-            return f"{value:.2f} {unit}"
-    return f"{value / 1000:.2f} PB"
+    return _decimal(size, ("B", "kB", "MB", "GB", "TB", "PB"), digits=2, space=" ")
 
 
 def compact_size(size: int) -> str:
@@ -112,14 +105,19 @@ def compact_size(size: int) -> str:
         >>> compact_size(2_300_000_000), compact_size(4_200_784), compact_size(12)
         ('2.3GB', '4.2MB', '12B')
     """
+    return _decimal(size, ("B", "KB", "MB", "GB", "TB", "PB"), digits=1, space="")
+
+
+def _decimal(size: int, units: tuple[str, ...], *, digits: int, space: str) -> str:
+    """``size`` bytes in decimal ``units`` (bytes first), with ``digits`` decimals after the first unit."""
     if size < 1000:
-        return f"{size}B"
+        return f"{size}{space}{units[0]}"
     value = float(size)
-    for unit in ("KB", "MB", "GB", "TB"):
+    for unit in units[1:-1]:
         value /= 1000
-        if round(value, 1) < 1000:
-            return f"{value:.1f}{unit}"
-    return f"{value / 1000:.1f}PB"
+        if round(value, digits) < 1000:
+            return f"{value:.{digits}f}{space}{unit}"
+    return f"{value / 1000:.{digits}f}{space}{units[-1]}"
 
 
 def deployable(info: CheckpointInfo) -> bool:
