@@ -145,15 +145,20 @@ def test_one_rank_killed_mid_save_leaves_nothing_listed(backend: str, kill: str,
         assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
-def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path):
-    root = str(tmp_path / "r")
-    _, output, reports = run(tmp_path, "train", root, "6", env={"CKPT_TEST_FAIL": "1:4"})
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(backend: str, tmp_path: Path,
+                                                                 request: pytest.FixtureRequest):
+    from conftest import sidecarless_folders
+
+    options = s3_options(request, backend)
+    root = make_root(backend, tmp_path / "r", request)
+    _, output, reports = run(tmp_path, "train", root, "6", env={"CKPT_TEST_FAIL": "1:4"}, options=options)
     assert reports[0]["saved"] == ["checkpoint-2", "checkpoint-6", "checkpoint-6"]  # step 4 failed; training went on
     assert output.count("checkpoint-4 (step 4) was not saved") == 2, output[-4000:]  # both ranks say so
     assert "No space left on device (injected)" in output
-    assert [i.name for i in CheckpointManager(root).list(sort_by="step", order="asc")] == ["checkpoint-2",
-                                                                                           "checkpoint-6"]
-    assert sorted(p.name for p in Path(root).iterdir()) == ["checkpoint-2", "checkpoint-6"]
+    listed = CheckpointManager(root, storage_options=options).list(sort_by="step", order="asc")
+    assert [i.name for i in listed] == ["checkpoint-2", "checkpoint-6"]
+    assert sidecarless_folders(root, request) == []
 
 
 def test_a_damaged_file_only_one_rank_reads_fails_the_restore_on_every_rank(tmp_path: Path):
@@ -209,14 +214,30 @@ def reseal(folder: Path, rel: str, data: bytes) -> None:
     (folder / "checkpoint.json").write_text(json.dumps(sidecar))
 
 
-def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(tmp_path: Path):
+@pytest.mark.parametrize("backend", ["local", "memory", "s3"])
+def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(backend: str, tmp_path: Path,
+                                                                 request: pytest.FixtureRequest):
     from safetensors.torch import load_file, save_file
 
     from ckpt_callback import CorruptCheckpointError
+    from conftest import root_fs
 
-    folder = single_rank_checkpoint(tmp_path)
-    manager = CheckpointManager(str(tmp_path))
-    good = manager.load("checkpoint-1")
+    folder = single_rank_checkpoint(tmp_path)  # altered here, then copied as it is to the root under test
+    root = str(tmp_path) if backend == "local" else make_root(backend, tmp_path / "remote", request)
+    options = s3_options(request, backend)
+
+    def load() -> dict[str, torch.Tensor]:
+        if backend != "local":
+            fs, path = root_fs(root, request)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            for local in folder.rglob("*"):
+                if local.is_file():
+                    fs.pipe_file(f"{path}/{folder.name}/{local.relative_to(folder).as_posix()}", local.read_bytes())
+            fs.invalidate_cache()
+        return CheckpointManager(root, storage_options=options).load("checkpoint-1")
+
+    good = load()
     assert sorted(good) == ["0.bias", "0.weight", "1.bias", "1.weight"]
     shard = next(p for p in (folder / "sharded").iterdir() if p.suffix == ".safetensors")
     original = shard.read_bytes()
@@ -224,13 +245,17 @@ def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(tmp_path: Path)
     # a flipped byte: the sha256 check refuses it before DCP reads anything
     shard.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
     with pytest.raises(CorruptCheckpointError, match="sha256"):
-        manager.load("checkpoint-1")
+        load()
     shard.write_bytes(original)
 
-    # an unlisted shard beside the others would be read by DCP: refused
+    # an unlisted shard beside the others would be read by DCP in place: refused (object stores
+    # download only the listed files, so there it is never read)
     (folder / "sharded" / "shard-00009-model-00001-of-00001.safetensors").write_bytes(original)
-    with pytest.raises(CorruptCheckpointError, match="not listed"):
-        manager.load("checkpoint-1")
+    if backend == "local":
+        with pytest.raises(CorruptCheckpointError, match="not listed"):
+            load()
+    else:
+        assert torch.equal(load()["0.weight"], good["0.weight"])
     (folder / "sharded" / "shard-00009-model-00001-of-00001.safetensors").unlink()
 
     # offsets that point outside the tensor, sealed with a matching hash: a clear error, no traceback
@@ -244,9 +269,9 @@ def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(tmp_path: Path)
     save_file(load_file(str(shard)), str(tmp_path / "evil"), metadata=evil)
     reseal(folder, f"sharded/{shard.name}", (tmp_path / "evil").read_bytes())
     with pytest.raises(CorruptCheckpointError, match="do not cover its shape"):
-        manager.load("checkpoint-1")
+        load()
     reseal(folder, f"sharded/{shard.name}", original)
-    assert torch.equal(manager.load("checkpoint-1")["0.weight"], good["0.weight"])
+    assert torch.equal(load()["0.weight"], good["0.weight"])
 
     # tied-weight names that point nowhere
     (folder / "sharded" / "aliases.json").write_text("{}")
@@ -256,10 +281,10 @@ def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(tmp_path: Path)
     (folder / "checkpoint.json").write_text(json.dumps(sidecar))
     reseal(folder, "sharded/aliases.json", b'{"lm_head.weight": "missing.weight"}')
     with pytest.raises(CorruptCheckpointError):
-        manager.load("checkpoint-1")
+        load()
     reseal(folder, "sharded/aliases.json", b'["not", "a", "map"]')
     with pytest.raises(CorruptCheckpointError):
-        manager.load("checkpoint-1")
+        load()
 
 
 def test_a_consolidated_final_loads_with_from_pretrained_and_a_sharded_one_says_it_does_not(tmp_path: Path):
