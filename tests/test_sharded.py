@@ -161,14 +161,21 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank(backend: str, t
     assert sidecarless_folders(root, request) == []
 
 
-def test_a_damaged_file_only_one_rank_reads_fails_the_restore_on_every_rank(tmp_path: Path):
-    root = str(tmp_path / "r")
-    run(tmp_path, "train", root, "2", "--consolidate", "never")
-    own = Path(root, "checkpoint-2", "ranks", "rank-00001.safetensors")  # read by rank 1 alone
-    data = bytearray(own.read_bytes())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_damaged_file_only_one_rank_reads_fails_the_restore_on_every_rank(backend: str, tmp_path: Path,
+                                                                            request: pytest.FixtureRequest):
+    from conftest import root_fs
+
+    options = s3_options(request, backend)
+    root = make_root(backend, tmp_path / "r", request)
+    run(tmp_path, "train", root, "2", "--consolidate", "never", options=options)
+    fs, path = root_fs(root, request)
+    own = f"{path}/checkpoint-2/ranks/rank-00001.safetensors"  # read by rank 1 alone
+    data = bytearray(fs.cat_file(own))
     data[-1] ^= 0xFF
-    own.write_bytes(bytes(data))
-    _, _, reports = run(tmp_path, "restore", root, "checkpoint-2", env={"CKPT_COLLECTIVE_TIMEOUT": "30"})
+    fs.pipe_file(own, bytes(data))
+    _, _, reports = run(tmp_path, "restore", root, "checkpoint-2", env={"CKPT_COLLECTIVE_TIMEOUT": "30"},
+                        options=options)
     assert reports[1]["error"].startswith("CorruptCheckpointError") and "sha256" in reports[1]["error"]
     assert reports[0]["error"].startswith("CorruptCheckpointError") and "on rank 1" in reports[0]["error"]
 
