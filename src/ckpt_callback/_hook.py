@@ -15,6 +15,7 @@ from ._errors import CheckpointError
 from ._layout import default_name
 from ._manager import CheckpointManager
 from ._sidecar import CheckpointInfo, clean_metrics, clean_number
+from ._training import check_stateful
 from ._trigger import Interruption, Interrupts, SaveTrigger
 
 __all__ = ["CheckpointHook"]
@@ -29,6 +30,9 @@ class CheckpointHook:
         root: a local folder or an fsspec URL; created if missing, and checked for writing now.
         model: the module to save (DDP / compiled wrappers are unwrapped).
         optimizer, scheduler: saved with RNG states so `resume` continues exactly.
+        stateful: name → object with ``state_dict()``/``load_state_dict()`` saved with each
+            checkpoint and restored by `resume`: torchdata's ``StatefulDataLoader`` (so a
+            shuffled epoch resumes at the same batch), a sampler, an EMA.
         every_n_steps: save an automatic checkpoint every N optimizer steps.
         every_n_seconds: and/or every N seconds of wall time.
         save_on_signals: on these signals save a ``final`` checkpoint at the next `step`, then
@@ -38,7 +42,7 @@ class CheckpointHook:
         check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0,
             at a step boundary); None: never look.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
-            storage_options, async_save, max_shard_size).
+            storage_options, async_save, max_shard_size, on_commit).
 
     Example:
         >>> import torch
@@ -60,6 +64,7 @@ class CheckpointHook:
         *,
         optimizer: Any = None,
         scheduler: Any = None,
+        stateful: Mapping[str, Any] | None = None,
         every_n_steps: int | None = None,
         every_n_seconds: float | None = None,
         save_on_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
@@ -69,6 +74,7 @@ class CheckpointHook:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.stateful = check_stateful(stateful or {})
         self.trigger = SaveTrigger(every_n_steps=every_n_steps, every_n_seconds=every_n_seconds)
         self.manager = CheckpointManager(root, **manager_options)
         self.manager.check_writable()
@@ -99,10 +105,11 @@ class CheckpointHook:
             self.manager.close()
 
     def resume(self, name: str = "latest") -> int:
-        """Restore the latest checkpoint (model, optimizer, scheduler, RNG) if any; return its step, else 0."""
+        """Restore the latest checkpoint (model, optimizer, scheduler, RNG, ``stateful``) if any; its step, else 0."""
         if self.manager.latest() is None:
             return 0
-        info = self.manager.restore(name, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        info = self.manager.restore(name, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    stateful=self.stateful)
         self._step = info.step
         self.trigger.reset(info.step)
         self._epoch = info.epoch
@@ -216,6 +223,7 @@ class CheckpointHook:
                 description=description,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
+                stateful=self.stateful,
                 rng=True,
             )
         finally:

@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from ._sidecar import (
     validate_name,
 )
 from ._storage import Storage
+from ._trackers import check_callables, notify
 from ._training import TrainingState, describe_model, model_state, unwrap_model
 from ._writer import SaveJob, Writer
 
@@ -92,6 +93,9 @@ class CheckpointManager:
         consolidate: for sharded models (FSDP2, tensor parallel), which saves also merge the
             model into HF-layout weights that load as they are: ``"final"`` (default), ``"always"``
             or ``"never"``. The shards are then dropped; optimizer state stays sharded.
+        on_commit: callables (or one) given the `CheckpointInfo` of each committed checkpoint, on the
+            thread that committed it (the background one with ``async_save``), e.g. `WandbLink`. One
+            that raises is logged and never stops training or the other callables.
 
     Example:
         >>> import torch
@@ -117,6 +121,7 @@ class CheckpointManager:
         writer: bool | None = None,
         save_threads: int = 2,
         consolidate: str = "final",
+        on_commit: Callable[[CheckpointInfo], Any] | Sequence[Callable[[CheckpointInfo], Any]] = (),
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
@@ -133,8 +138,13 @@ class CheckpointManager:
         self._reader = Reader(storage)
         self._retention = Retention(self._commit, self._catalog, keep_last=keep_last, keep_best=keep_best,
                                     monitor=monitor, mode=mode)
+        self.on_commit = check_callables(on_commit, "on_commit")
+        for callback in self.on_commit:  # WandbLink, MlflowLink: they need the root for each checkpoint's URL
+            bind = getattr(callback, "bind", None)
+            if callable(bind):
+                bind(self._root)
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
-                              on_commit=self._retention.after_commit)
+                              on_commit=self._committed)
         self._check_writable = storage.check_writable
         self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
@@ -142,6 +152,12 @@ class CheckpointManager:
         self.run_id = uuid.uuid4().hex
         self._recovered = False
         self._warned_monitor = False
+
+    def _committed(self, info: CheckpointInfo) -> CheckpointInfo:
+        """A save committed ``info``: retention first, then the ``on_commit`` callables."""
+        info = self._retention.after_commit(info)
+        notify(self.on_commit, info)
+        return info
 
     @property
     def root(self) -> str:
@@ -197,6 +213,7 @@ class CheckpointManager:
         optimizer: Any = None,
         scheduler: Any = None,
         extra_state: Mapping[str, Any] | None = None,
+        stateful: Mapping[str, Any] | None = None,
         rng: bool | None = None,
         files: Mapping[str, bytes] | None = None,
         model_name: str | None = None,
@@ -214,7 +231,10 @@ class CheckpointManager:
             name: folder name (default ``checkpoint-{step}``); a taken name raises.
             description: free text for the sidecar.
             optimizer, scheduler: saved as training state for exact resume (with RNG states).
-            extra_state: more JSON-able (tensors allowed) state to restore with `restore`.
+            extra_state: more JSON-able (tensors allowed) state, read back by `load_training_state`.
+            stateful: name → object with ``state_dict()``/``load_state_dict()`` (a ``StatefulDataLoader``,
+                a sampler, an EMA); its state dict (tensors and JSON values) is saved with the training
+                state and loaded back by ``restore(stateful=...)``.
             rng: save RNG states (default: when an optimizer is given).
             files: extra small files (relative path → bytes), e.g. ``config.json``.
             model_name, version, inference_ready: override what is derived from ``state``.
@@ -227,7 +247,8 @@ class CheckpointManager:
         Raises:
             SaveError: this save failed (a failed earlier background save was logged, not raised here).
             CheckpointExistsError: ``name`` is already a committed checkpoint, or being written.
-            InvalidNameError, InvalidArgumentError: bad name, type or state.
+            InvalidNameError, InvalidArgumentError: bad name, type or state (a value of the training
+                state that cannot be stored without pickle is named).
         """
         if type not in ("automatic", "manual", "final"):
             raise InvalidArgumentError(f"type must be 'automatic', 'manual' or 'final', got {type!r}")
@@ -255,6 +276,9 @@ class CheckpointManager:
         )
         rng = rng if rng is not None else optimizer is not None
         if is_sharded(model):
+            if stateful:
+                raise InvalidArgumentError("stateful= is not supported for sharded models (FSDP2, tensor "
+                                           "parallel) yet; save its state in extra_state instead")
             return self._save_sharded(module, info, explicit=explicit, files=extra_files, optimizer=optimizer,
                                       scheduler=scheduler, extra_state=extra_state, rng=rng)
         if not self.writer:
@@ -263,7 +287,8 @@ class CheckpointManager:
         if existing is not None:
             self._writer.settle_previous()
             return self._retention.promote(existing, info)
-        training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
+        training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng,
+                                         stateful=stateful)
         job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)
         if not self.async_save:
             return self._writer.run(job)
@@ -349,7 +374,10 @@ class CheckpointManager:
         pending = self._writer.merge_inflight(step, merge)
         if pending is not None:
             return pending  # the background writer has not written its sidecar yet
-        return self._retention.update(step, merge)
+        revised = self._retention.update(step, merge)
+        if revised is not None and revised.type == "best":  # an evaluation made it the best: trackers hear of it
+            notify(self.on_commit, revised)
+        return revised
 
     def warn_missing_monitor(self, why: str) -> None:
         """Warn (once per manager) that ``monitor`` never appears, so no checkpoint is tagged best.
@@ -547,8 +575,9 @@ class CheckpointManager:
         rng: bool = True,
         strict: bool = True,
         verify: bool = True,
+        stateful: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo:
-        """Load checkpoint ``name`` into ``model`` (and ``optimizer``, ``scheduler``, RNG states).
+        """Load checkpoint ``name`` into ``model`` (and ``optimizer``, ``scheduler``, RNG states, ``stateful``).
 
         Returns the checkpoint's `CheckpointInfo`; marks it as the one training resumed from, so
         retention keeps it, and continues its run id.
@@ -562,13 +591,13 @@ class CheckpointManager:
             return info
         if model is not None:
             self._reader.restore_model(info, model, strict=strict, verify=verify)
-        if optimizer is not None or scheduler is not None or rng:
+        if optimizer is not None or scheduler is not None or rng or stateful:
             if self._reader.has_training_state(info):
                 self._reader.training_state(info, verify=verify).apply(optimizer=optimizer, scheduler=scheduler,
-                                                                       rng=rng)
-            elif optimizer is not None or scheduler is not None:
+                                                                       rng=rng, stateful=stateful)
+            elif optimizer is not None or scheduler is not None or stateful:
                 raise CheckpointNotFoundError(
-                    f"checkpoint {info.name!r} in {self.root} has no optimizer/scheduler state to restore")
+                    f"checkpoint {info.name!r} in {self.root} has no optimizer/scheduler/stateful state to restore")
         self.resumed(info)
         return info
 

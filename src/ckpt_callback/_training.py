@@ -9,7 +9,9 @@ descriptions) live here too.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,9 +23,12 @@ from ._errors import CorruptCheckpointError, InvalidArgumentError
 from ._layout import TRAINING_STATE_FILE
 from ._serialization import flatten_state, unflatten_state
 
-__all__ = ["TrainingState", "capture_rng", "describe_model", "model_state", "restore_rng", "unwrap_model"]
+__all__ = ["TrainingState", "TrainingStateValues", "capture_rng", "check_stateful", "describe_model", "model_state",
+           "restore_rng", "unwrap_model"]
 
 _FORMAT = "ckpt_callback.training_state/1"
+
+logger = logging.getLogger("ckpt_callback")
 
 
 @dataclass
@@ -49,8 +54,16 @@ class TrainingState:
         scheduler: Any = None,
         rng: bool = False,
         extra: Mapping[str, Any] | None = None,
+        stateful: Mapping[str, Any] | None = None,
     ) -> TrainingState | None:
-        """What is live now (nothing copied yet: `_writer` snapshots tensors for background saves)."""
+        """What is live now (nothing copied yet: `_writer` snapshots tensors for background saves).
+
+        ``stateful``: name → object with ``state_dict()``/``load_state_dict()`` (a
+        ``StatefulDataLoader``, a sampler, an EMA); its state is saved under its name.
+
+        Raises:
+            InvalidArgumentError: a state holds something JSON and safetensors cannot store (named).
+        """
         payload: dict[str, Any] = {}
         if optimizer is not None:
             payload["optimizer"] = optimizer.state_dict()
@@ -60,9 +73,14 @@ class TrainingState:
             payload["extra"] = dict(extra)
         if rng:
             payload["rng"] = capture_rng()
+        if stateful:
+            payload["stateful"] = {name: obj.state_dict() for name, obj in check_stateful(stateful).items()}
         if not payload:
             return None
-        skeleton, tensors = flatten_state(payload)
+        try:
+            skeleton, tensors = flatten_state(payload)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{exc} (in {_where(str(exc))})") from exc
         return cls(skeleton, tensors)
 
     def to_files(self, *, step: int, epoch: float | None) -> tuple[bytes, dict[str, torch.Tensor]]:
@@ -92,8 +110,24 @@ class TrainingStateValues:
 
     values: dict[str, Any]
 
-    def apply(self, *, optimizer: Any = None, scheduler: Any = None, rng: bool = True) -> None:
-        """Load the saved states into ``optimizer``/``scheduler`` and the RNGs."""
+    def apply(self, *, optimizer: Any = None, scheduler: Any = None, rng: bool = True,
+              stateful: Mapping[str, Any] | None = None) -> None:
+        """Load the saved states into ``optimizer``/``scheduler``, the RNGs and the ``stateful`` objects.
+
+        A ``stateful`` object the checkpoint has no state for keeps its own (with a warning):
+        a checkpoint saved before it was added.
+        """
+        saved = self.values.get("stateful") or {}
+        for name, obj in check_stateful(stateful or {}).items():
+            if name not in saved:
+                logger.warning("the checkpoint holds no state for stateful[%r] (saved: %s); it starts afresh",
+                               name, ", ".join(sorted(saved)) or "none")
+                continue
+            try:
+                obj.load_state_dict(saved[name])
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+                raise CorruptCheckpointError(f"the saved state of stateful[{name!r}] does not fit "
+                                             f"{type(obj).__name__}: {exc}") from exc
         try:
             if optimizer is not None and "optimizer" in self.values:
                 optimizer.load_state_dict(self.values["optimizer"])
@@ -103,6 +137,34 @@ class TrainingStateValues:
                 restore_rng(self.values["rng"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"the saved training state does not fit: {exc}") from exc
+
+
+def check_stateful(stateful: Mapping[str, Any]) -> dict[str, Any]:
+    """``stateful`` as a dict, once each name is a string and each object has both methods.
+
+    Raises:
+        InvalidArgumentError: not a mapping, a name that is not a non-empty string, or an object
+            without ``state_dict``/``load_state_dict``.
+    """
+    if not isinstance(stateful, Mapping):
+        raise InvalidArgumentError(f"stateful must be a dict of name -> object, got {type(stateful).__name__}")
+    for name, obj in stateful.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"stateful names must be non-empty strings, got {name!r}")
+        if not callable(getattr(obj, "state_dict", None)) or not callable(getattr(obj, "load_state_dict", None)):
+            raise InvalidArgumentError(
+                f"stateful[{name!r}] is a {type(obj).__name__}, which has no state_dict()/load_state_dict(); "
+                "pass objects that have both (torchdata's StatefulDataLoader, a sampler, an EMA)")
+    return dict(stateful)
+
+
+def _where(message: str) -> str:
+    """Which part of the training state a `flatten_state` error's path names."""
+    match = re.search(r" at (\S+) of the training state", message)
+    parts = match.group(1).split(".") if match else []
+    if parts[:1] == ["stateful"] and len(parts) > 1:
+        return f"the state_dict() of stateful[{parts[1]!r}]"
+    return f"the {parts[0]} state" if parts else "the training state"
 
 
 
