@@ -66,7 +66,8 @@ def test_without_the_loader_state_a_mid_epoch_resume_differs(tmp_path: Path):
     straight = _train(str(tmp_path / "a"), seed=0, total=27)
     _train(str(tmp_path / "b"), seed=0, total=27, stop=13, stateful=False)
     resumed = _train(str(tmp_path / "b"), seed=123, total=27, stateful=False)
-    assert not all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    pairs = zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
 
 
 class _Ema:

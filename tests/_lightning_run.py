@@ -1,0 +1,93 @@
+"""One Lightning run for test_lightning: train to ``total`` steps, crash after the save at ``stop``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import lightning as L
+import torch
+from torch import nn
+
+from ckpt_callback.lightning import LightningCheckpoint
+
+warnings.filterwarnings("ignore")
+STEPS_PER_EPOCH = 10
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.seen = 0  # the module's own state, through on_save_checkpoint
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen += len(x)
+        loss = (self.net(x) - y).pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", (self.net(x) - y).pow(2).mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["seen"] = {"count": self.seen, "marker": torch.tensor([self.seen])}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.seen = checkpoint["seen"]["count"]
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"killed at step {self.step}")
+
+
+def data(seed: int, stateful: bool):
+    g = torch.Generator().manual_seed(1)
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=g), torch.randn(40, 1, generator=g))
+    if not stateful:  # a plain shuffled DataLoader: exact at epoch boundaries
+        return torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True), torch.utils.data.DataLoader(ds, 8)
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    train = StatefulDataLoader(ds, batch_size=4, sampler=sampler, generator=torch.Generator().manual_seed(seed))
+    return train, torch.utils.data.DataLoader(ds, 8)
+
+
+def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool, devices: int = 1,
+        strategy: str = "auto") -> Net:
+    L.seed_everything(seed, verbose=False)
+    model = Net()
+    cb = LightningCheckpoint(root, every_n_steps=stop or total, monitor="val_loss", keep_last=2)
+    trainer = L.Trainer(max_steps=total, callbacks=[cb, CrashAt(stop)], enable_checkpointing=False, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=devices,
+                        strategy=strategy, deterministic=True, val_check_interval=5, limit_val_batches=2,
+                        num_sanity_val_steps=0)
+    train, val = data(seed, stateful)
+    with contextlib.suppress(Crash):
+        trainer.fit(model, train, val, ckpt_path=cb.resume_from())
+    return model
+
+
+if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT
+    root, seed, total, stop, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    model = run(root, seed=seed, total=total, stop=stop or None, stateful=False, devices=2, strategy="ddp")
+    if model.trainer.is_global_zero:
+        torch.save({"state": model.state_dict(), "seen": model.seen}, out)

@@ -1,0 +1,92 @@
+"""LightningCheckpoint: our checkpoints from a real Trainer, and exact resume through trainer.fit(ckpt_path=...)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+pytest.importorskip("torchdata")
+
+from _lightning_run import run
+from ckpt_callback import CheckpointManager, InvalidArgumentError
+from ckpt_callback.lightning import LightningCheckpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """The parameters/buffers that differ."""
+    return [k for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True)
+            if not torch.equal(x, y)]
+
+
+@pytest.mark.parametrize(("stop", "stateful"), [(10, False), (13, True), (15, True)],
+                         ids=["epoch-boundary-plain-loader", "mid-epoch", "mid-epoch-after-validation"])
+def test_stopped_and_resumed_equals_never_stopped(tmp_path: Path, stop: int, stateful: bool):
+    straight = run(str(tmp_path / "a"), seed=0, total=27, stop=None, stateful=stateful)
+    run(str(tmp_path / "b"), seed=0, total=27, stop=stop, stateful=stateful)  # crashes after the save at `stop`
+    manager = CheckpointManager(str(tmp_path / "b"))
+    assert [i.name for i in manager.list().data] == [f"checkpoint-{stop}"]
+    resumed = run(str(tmp_path / "b"), seed=7, total=27, stop=None, stateful=stateful)  # other seed: all restored
+    assert resumed.trainer.global_step == 27
+    assert _equal(straight, resumed) == []
+    assert resumed.seen == straight.seen == 27 * 4  # the module's on_save_checkpoint state came back
+    final = manager.get("final")
+    assert final.step == 27 and final.run_id == manager.get(f"checkpoint-{stop}").run_id
+    assert "val_loss" in final.metrics and final.train_loss is not None
+
+
+def test_checkpoint_is_ours_and_listed(tmp_path: Path):
+    run(str(tmp_path / "r"), seed=0, total=15, stop=None, stateful=False)
+    folder = tmp_path / "r" / "checkpoint-15"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "model.safetensors",
+                                                        "optimizer.safetensors", "training_state.json"]
+    doc = json.loads((folder / "training_state.json").read_text())
+    lightning = doc["state"]["extra"]["lightning"]
+    assert {"loops", "optimizer_states", "lr_schedulers", "callbacks", "seen"} <= set(lightning)
+    out = subprocess.run([sys.executable, "-m", "ckpt_callback._cli", "list", str(tmp_path / "r"), "--json"],
+                         capture_output=True, text=True, check=True)
+    listed = json.loads(out.stdout)["data"]
+    assert [c["name"] for c in listed] == ["checkpoint-15"] and listed[0]["type"] == "final"
+    from safetensors.torch import load_file
+
+    assert set(load_file(folder / "model.safetensors")) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+
+
+def test_resume_from_is_none_on_an_empty_root(tmp_path: Path):
+    assert LightningCheckpoint(str(tmp_path / "empty")).resume_from() is None
+
+
+def test_module_state_that_needs_pickle_is_refused_by_name(tmp_path: Path, monkeypatch):
+    import _lightning_run
+
+    monkeypatch.setattr(_lightning_run.Net, "on_save_checkpoint",
+                        lambda self, ckpt: ckpt.update(opaque=object()))
+    with pytest.raises(InvalidArgumentError, match=r"cannot store object.*checkpoint entry .opaque. \(put there by"):
+        run(str(tmp_path / "r"), seed=0, total=5, stop=None, stateful=False)
+
+
+@pytest.mark.skipif(not os.environ.get("CKPT_LIGHTNING_DDP"), reason="3 two-process DDP runs take ~4 min on 2 cores: "
+                    "set CKPT_LIGHTNING_DDP=1")
+def test_ddp_two_processes_resume_exactly(tmp_path: Path):
+    script = str(Path(__file__).parent / "_lightning_run.py")
+
+    def ddp(root: str, stop: int, out: str) -> None:
+        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out], check=True, timeout=300,
+                       capture_output=True, cwd=tmp_path)
+
+    ddp(str(tmp_path / "a"), 0, str(tmp_path / "a.pt"))
+    ddp(str(tmp_path / "b"), 5, str(tmp_path / "crashed.pt"))  # half an epoch per rank: 40 samples / 2 / 4
+    ddp(str(tmp_path / "b"), 0, str(tmp_path / "b.pt"))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])] == []
+    assert a["seen"] == b["seen"]
+    names = {i.name: i.type for i in CheckpointManager(str(tmp_path / "b")).list().data}
+    assert names == {"checkpoint-5": "automatic", "checkpoint-20": "final"}
