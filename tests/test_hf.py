@@ -354,3 +354,43 @@ def test_trainer_state_is_strict_json_even_with_a_nan_loss(tmp_path: Path):
 
     text = (tmp_path / "ckpts" / "checkpoint-2" / "trainer_state.json").read_text()
     assert any(e.get("loss") is None for e in json.loads(text, parse_constant=refuse)["log_history"])
+
+
+class StepCounter(TrainerCallback):
+    """A stateful object the Trainer knows nothing about: counts the optimizer steps it saw."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.count = state["count"]
+
+
+def test_mid_epoch_resume_is_exact_as_with_the_trainers_own_checkpoints(tmp_path: Path,
+                                                                         straight: dict[str, torch.Tensor]):
+    """Shuffled data, dropout, preempted at step 6 of 4-step epochs: the Trainer's own checkpoint-6 and ours
+    both resume to the straight run's parameters; a `stateful` object comes back with its count."""
+    native = tiny_trainer(str(tmp_path / "native"), [Preempt(after=6)], save_steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        native.train()
+    again = tiny_trainer(str(tmp_path / "native"), [], save_steps=6)
+    again.train(resume_from_checkpoint=str(tmp_path / "native" / "checkpoint-6"))
+    assert_same_parameters(dict(again.model.named_parameters()), straight)
+
+    root, counter = str(tmp_path / "ckpts"), StepCounter()
+    first = tiny_trainer(str(tmp_path / "out"), [counter, CheckpointCallback(root, stateful={"steps": counter}),
+                                                 Preempt(after=6)], save_steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    counter = StepCounter()
+    callback = CheckpointCallback(root, stateful={"steps": counter})
+    ours = tiny_trainer(str(tmp_path / "out"), [counter, callback], save_steps=6)
+    ours.train(resume_from_checkpoint=callback.resume_from())
+    assert_same_parameters(dict(ours.model.named_parameters()), straight)
+    assert counter.count == 12

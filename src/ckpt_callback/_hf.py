@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
 from ._sharded import is_sharded
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
-from ._training import TrainingStateValues, restore_rng, unwrap_model
+from ._training import TrainingStateValues, check_stateful, restore_rng, unwrap_model
 from ._trigger import Interruption, Interrupts, SaveTrigger
 
 __all__ = ["CheckpointCallback"]
@@ -54,10 +54,13 @@ class CheckpointCallback(TrainerCallback):
             (SIGTERM ends the process, SIGINT raises KeyboardInterrupt out of ``train()``; a second
             Ctrl-C interrupts at once). Add ``signal.SIGUSR1`` for SLURM's ``--signal``; ``()``
             installs no handler.
+        stateful: name → object with ``state_dict()``/``load_state_dict()`` (an EMA, a data stream)
+            saved with each checkpoint and restored on resume; the Trainer's own dataloader position
+            needs none (it skips the batches already seen).
         check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0);
             None: never look. A ``--stop`` request ends ``train()`` normally after the final checkpoint.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
-            storage_options, async_save, max_shard_size, writer).
+            storage_options, async_save, max_shard_size, writer, on_commit).
 
     Example:
         >>> callback = CheckpointCallback("memory://doc-hf", keep_last=3, monitor="evalLoss")
@@ -76,8 +79,10 @@ class CheckpointCallback(TrainerCallback):
         load_best_at_end: bool | None = None,
         save_on_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
         check_requests_every: float | None = 10.0,
+        stateful: Mapping[str, Any] | None = None,
         **manager_options: Any,
     ) -> None:
+        self.stateful = check_stateful(stateful or {})
         self.manager = CheckpointManager(root, **manager_options)
         self._storage_options = manager_options.get("storage_options")
         self.trigger = SaveTrigger(every_n_steps, every_n_seconds)
@@ -299,7 +304,7 @@ class CheckpointCallback(TrainerCallback):
         payload = dict(
             state=_hf_state(model) if hf else model, epoch=state.epoch, metrics=metrics,
             train_loss=_nearest_loss(state.log_history, state.global_step), eval_loss=metrics.get("eval_loss"),
-            files=files, inference_ready=ready, rng=not args.save_only_model,
+            files=files, inference_ready=ready, rng=not args.save_only_model, stateful=self.stateful,
         )
         if not args.save_only_model:
             payload.update(optimizer=kwargs.get("optimizer"), scheduler=kwargs.get("lr_scheduler"))
@@ -345,7 +350,7 @@ class CheckpointCallback(TrainerCallback):
             logger.warning("resumed at step %d, but %s has no training state of that step (save_only_model?): "
                            "optimizer, scheduler and RNG start afresh", step, self.manager.root)
             return
-        TrainingStateValues(training).apply(optimizer=optimizer, scheduler=scheduler, rng=False)
+        TrainingStateValues(training).apply(optimizer=optimizer, scheduler=scheduler, rng=False, stateful=self.stateful)
         self._rng = training.get("rng")
         self._rng_at_epoch = info.epoch is not None and float(info.epoch).is_integer()
         self.manager.resumed(info)  # retention keeps it; new checkpoints continue its run id
