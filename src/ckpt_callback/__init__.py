@@ -29,6 +29,7 @@ from ._import import import_checkpoints
 from ._manager import CheckpointManager, CheckpointRequest, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
 from ._sidecar import CheckpointInfo, FileEntry
+from ._trackers import MlflowLink, WandbLink
 
 if TYPE_CHECKING:
     from ._hf import CheckpointCallback as CheckpointCallback
@@ -52,6 +53,7 @@ __all__ = [
     "FileEntry",
     "InvalidArgumentError",
     "InvalidNameError",
+    "MlflowLink",
     "RequestTimeoutError",
     "RetentionPolicy",
     "SaveError",
@@ -60,6 +62,7 @@ __all__ = [
     "StorageError",
     "UnsupportedSourceError",
     "VerifyResult",
+    "WandbLink",
     "export_checkpoint",
     "import_checkpoints",
 ]

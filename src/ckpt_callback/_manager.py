@@ -286,7 +286,10 @@ class CheckpointManager:
         existing = self._existing(info, explicit)
         if existing is not None:
             self._writer.settle_previous()
-            return self._retention.promote(existing, info)
+            promoted = self._retention.promote(existing, info)  # re-tagged (final, manual): trackers hear of it
+            if promoted is not None:
+                notify(self.on_commit, promoted)
+            return promoted
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng,
                                          stateful=stateful)
         job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)

@@ -127,7 +127,7 @@ class MlflowLink(_Link):
 
     For each commit: ``checkpoints/<name>.json`` (the sidecar summary with the URL, via
     ``log_dict``) and the tags ``ckpt.latest``, and ``ckpt.best`` / ``ckpt.final`` when the
-    checkpoint is that type, each set to its URL, plus ``ckpt.<name>.type``.
+    checkpoint is that type, each set to its URL (the tags move with each new one).
 
     Args:
         run_id: the run to record in (default: the active run at each commit, else the last active one;
@@ -142,6 +142,7 @@ class MlflowLink(_Link):
     def __init__(self, *, run_id: str | None = None, tracking_uri: str | None = None) -> None:
         super().__init__()
         self.run_id, self.tracking_uri = run_id, tracking_uri
+        self._bound_run: str | None = None
         self._warned = False
 
     def bind(self, root: str) -> None:
@@ -157,9 +158,8 @@ class MlflowLink(_Link):
         import mlflow
 
         active = mlflow.active_run()
-        last = mlflow.last_active_run() if active is None else None
-        run_id = self.run_id or (active.info.run_id if active is not None else None) \
-            or getattr(self, "_bound_run", None) or (last.info.run_id if last is not None else None)
+        run_id = self.run_id or (active.info.run_id if active is not None else None) or self._bound_run \
+            or _running_elsewhere(mlflow)
         if run_id is None:
             if not self._warned:
                 self._warned = True
@@ -171,7 +171,15 @@ class MlflowLink(_Link):
         client.log_dict(run_id, _summary(info, url), f"checkpoints/{info.name}.json")
         for alias in self.aliases(info)[1:]:
             client.set_tag(run_id, f"ckpt.{alias}", url)
-        client.set_tag(run_id, f"ckpt.{info.name}.type", info.type)
+
+
+def _running_elsewhere(mlflow: Any) -> str | None:
+    """The run another thread started (a background save commits off the training thread), if still running."""
+    try:
+        last = mlflow.last_active_run()
+    except Exception:  # it looks the run up in the store, where it may not be
+        return None
+    return last.info.run_id if last is not None and last.info.status == "RUNNING" else None
 
 
 def _name(callback: Any) -> str:
