@@ -58,7 +58,7 @@ class CrashAt(L.Callback):
             raise Crash(f"killed at step {self.step}")
 
 
-def data(seed: int, stateful: bool):
+def data(seed: int, stateful: bool | str):
     g = torch.Generator().manual_seed(1)
     ds = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=g), torch.randn(40, 1, generator=g))
     if not stateful:  # a plain shuffled DataLoader: exact at epoch boundaries
@@ -66,12 +66,14 @@ def data(seed: int, stateful: bool):
     from torchdata.stateful_dataloader import StatefulDataLoader
     from torchdata.stateful_dataloader.sampler import RandomSampler
 
+    if stateful == "shuffle":  # under DDP Lightning puts a DistributedSampler in (shuffled by seed and epoch)
+        return StatefulDataLoader(ds, batch_size=4, shuffle=True), torch.utils.data.DataLoader(ds, 8)
     sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
     train = StatefulDataLoader(ds, batch_size=4, sampler=sampler, generator=torch.Generator().manual_seed(seed))
     return train, torch.utils.data.DataLoader(ds, 8)
 
 
-def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool, devices: int = 1,
+def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool | str, devices: int = 1,
         strategy: str = "auto") -> Net:
     L.seed_everything(seed, verbose=False)
     model = Net()
@@ -86,8 +88,9 @@ def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool, d
     return model
 
 
-if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT
+if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT STATEFUL
     root, seed, total, stop, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    model = run(root, seed=seed, total=total, stop=stop or None, stateful=False, devices=2, strategy="ddp")
+    model = run(root, seed=seed, total=total, stop=stop or None, stateful={"0": False, "1": True}.get(sys.argv[6], sys.argv[6]), devices=2,
+                strategy="ddp")
     if model.trainer.is_global_zero:
         torch.save({"state": model.state_dict(), "seen": model.seen}, out)

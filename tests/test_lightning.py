@@ -38,8 +38,9 @@ def test_stopped_and_resumed_equals_never_stopped(tmp_path: Path, stop: int, sta
     assert resumed.trainer.global_step == 27
     assert _equal(straight, resumed) == []
     assert resumed.seen == straight.seen == 27 * 4  # the module's on_save_checkpoint state came back
-    final = manager.get("final")
-    assert final.step == 27 and final.run_id == manager.get(f"checkpoint-{stop}").run_id
+    final, saved = manager.get("final"), manager.get(f"checkpoint-{stop}")
+    assert final.step == 27 and final.run_id == saved.run_id
+    assert saved.epoch == pytest.approx(stop / 10) and final.epoch == pytest.approx(2.7)  # epochs done
     assert "val_loss" in final.metrics and final.train_loss is not None
 
 

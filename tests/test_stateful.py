@@ -25,13 +25,14 @@ def _shuffled_loader(seed: int) -> StatefulDataLoader:
     return StatefulDataLoader(DATA, batch_size=4, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
 
-def _train(root: str, *, seed: int, total: int, stop: int | None = None, stateful: bool = True) -> nn.Module:
+def _train(root: str, *, seed: int, total: int, stop: int | None = None, stateful: bool = True,
+           plain: bool = False) -> nn.Module:
     """Train to ``total`` optimizer steps with a shuffled loader (resuming from ``root`` if it holds a
     checkpoint); with ``stop``, save there and leave as a killed job would (no final checkpoint)."""
     torch.manual_seed(seed)  # a resumed run starts from other weights, loader order and RNG: all must be restored
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loader = _shuffled_loader(seed)
+    loader = torch.utils.data.DataLoader(DATA, batch_size=4, shuffle=True) if plain else _shuffled_loader(seed)
     hook = CheckpointHook(root, model, optimizer=opt, every_n_steps=stop or total,
                           stateful={"loader": loader} if stateful else None, save_on_signals=())
     step = hook.resume()
@@ -57,6 +58,15 @@ def test_shuffled_stateful_dataloader_resumes_bit_exactly(tmp_path: Path, stop: 
     straight = _train(str(tmp_path / "a"), seed=0, total=27)
     _train(str(tmp_path / "b"), seed=0, total=27, stop=stop)
     resumed = _train(str(tmp_path / "b"), seed=123, total=27)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_plain_shuffled_dataloader_resumes_exactly_at_an_epoch_boundary(tmp_path: Path):
+    """No loader state: the next epoch's shuffle comes from the restored RNG."""
+    straight = _train(str(tmp_path / "a"), seed=0, total=27, stateful=False, plain=True)
+    _train(str(tmp_path / "b"), seed=0, total=27, stop=20, stateful=False, plain=True)
+    resumed = _train(str(tmp_path / "b"), seed=123, total=27, stateful=False, plain=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

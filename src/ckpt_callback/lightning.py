@@ -262,11 +262,12 @@ def _last_batch(trainer: Any) -> bool:
 
 def _epoch(trainer: Any) -> float:
     """Epochs done, with the fraction of the current one (the sidecar's ``epoch``)."""
+    before = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)  # epochs before the current (or last) one
     total = trainer.num_training_batches
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if not isinstance(total, int) or total <= 0:
-        return float(trainer.current_epoch)
-    return trainer.current_epoch + min(done, total) / total
+        return float(before)
+    return before + min(done, total) / total
 
 
 def _join(root: str, name: str) -> str:
