@@ -91,7 +91,8 @@ def main() -> None:
     resumed = fit(args.output)
     manager = CheckpointManager(args.output)
     for info in manager.list(sort_by="step", order="asc"):
-        print(f"{info.name:16} {info.type:9} step {info.step:3} epoch {info.epoch:4.1f} val_loss {info.metric('val_loss')}")
+        print(f"{info.name:16} {info.type:9} step {info.step:3} epoch {info.epoch:4.1f} "
+              f"val_loss {info.metric('val_loss'):.4f}")
 
     scratch = tempfile.mkdtemp(prefix="ckpt-lightning-straight-")
     try:

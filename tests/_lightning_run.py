@@ -90,7 +90,7 @@ def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool | 
 
 if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT STATEFUL
     root, seed, total, stop, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    model = run(root, seed=seed, total=total, stop=stop or None, stateful={"0": False, "1": True}.get(sys.argv[6], sys.argv[6]), devices=2,
-                strategy="ddp")
+    loader = {"0": False, "1": True}.get(sys.argv[6], sys.argv[6])
+    model = run(root, seed=seed, total=total, stop=stop or None, stateful=loader, devices=2, strategy="ddp")
     if model.trainer.is_global_zero:
         torch.save({"state": model.state_dict(), "seen": model.seen}, out)

@@ -80,11 +80,11 @@ def test_ddp_two_processes_resume_exactly(tmp_path: Path):
     script = str(Path(__file__).parent / "_lightning_run.py")
 
     def ddp(root: str, stop: int, out: str) -> None:
-        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out], check=True, timeout=300,
+        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out, "0"], check=True, timeout=300,
                        capture_output=True, cwd=tmp_path)
 
     ddp(str(tmp_path / "a"), 0, str(tmp_path / "a.pt"))
-    ddp(str(tmp_path / "b"), 5, str(tmp_path / "crashed.pt"))  # half an epoch per rank: 40 samples / 2 / 4
+    ddp(str(tmp_path / "b"), 5, str(tmp_path / "crashed.pt"))  # an epoch boundary: 40 samples / 2 ranks / 4
     ddp(str(tmp_path / "b"), 0, str(tmp_path / "b.pt"))
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])] == []

@@ -26,8 +26,8 @@ try:  # the unified package first, the standalone one otherwise
     from lightning.pytorch import Callback
     from lightning.pytorch.plugins.io import CheckpointIO
 except ImportError:  # pragma: no cover - only pytorch_lightning installed
-    from pytorch_lightning import Callback  # type: ignore[no-redef]
-    from pytorch_lightning.plugins.io import CheckpointIO  # type: ignore[no-redef]
+    from pytorch_lightning import Callback  # type: ignore[assignment]
+    from pytorch_lightning.plugins.io import CheckpointIO  # type: ignore[assignment]
 
 from ._errors import InvalidArgumentError, SaveError, StorageError
 from ._layout import default_name
