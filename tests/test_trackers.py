@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,11 @@ def test_wandb_offline_logs_a_reference_artifact_per_commit(tmp_path: Path, monk
     assert all(e.ref.startswith(f"file://{root}/checkpoint-1/") for e in first.manifest.entries.values())
     # the offline run's transaction log holds the references and aliases; no checkpoint file was copied anywhere
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    data = log.read_bytes()
-    assert f"file://{root}/checkpoint-2/model.safetensors".encode() in data and b"final" in data
+    wanted = f"file://{root}/checkpoint-2/model.safetensors".encode()
+    deadline = time.monotonic() + 30
+    while wanted not in log.read_bytes() and time.monotonic() < deadline:  # wandb-core flushes it on its own time
+        time.sleep(0.2)
+    assert wanted in log.read_bytes() and b"final" in log.read_bytes()
     copies = [p for p in tmp_path.rglob("*.safetensors") if Path(root) not in p.parents]
     assert copies == []
 
