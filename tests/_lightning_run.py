@@ -68,6 +68,9 @@ def data(seed: int, stateful: bool | str):
     from torchdata.stateful_dataloader import StatefulDataLoader
     from torchdata.stateful_dataloader.sampler import RandomSampler
 
+    if stateful == "torch-sampler":  # under DDP Lightning puts a DistributedSampler(shuffle=True) in
+        return StatefulDataLoader(ds, batch_size=4, sampler=torch.utils.data.RandomSampler(ds)), \
+            torch.utils.data.DataLoader(ds, 8)
     if stateful == "shuffle":  # under DDP Lightning puts a DistributedSampler in (shuffled by seed and epoch)
         return StatefulDataLoader(ds, batch_size=4, shuffle=True), torch.utils.data.DataLoader(ds, 8)
     sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
