@@ -76,18 +76,22 @@ def test_module_state_that_needs_pickle_is_refused_by_name(tmp_path: Path, monke
 
 @pytest.mark.skipif(not os.environ.get("CKPT_LIGHTNING_DDP"), reason="3 two-process DDP runs take ~4 min on 2 cores: "
                     "set CKPT_LIGHTNING_DDP=1")
-def test_ddp_two_processes_resume_exactly(tmp_path: Path):
+@pytest.mark.parametrize(("stop", "loader"), [(5, "0"), (3, "torch-sampler")],
+                         ids=["epoch-boundary", "mid-first-epoch-stateful-loader"])
+def test_ddp_two_processes_resume_exactly(tmp_path: Path, stop: int, loader: str):
+    """40 samples / 2 ranks / batch 4: 5 steps an epoch. Mid-epoch is exact in the first epoch only: from the
+    second on, Lightning makes the resumed iterator before it calls the DistributedSampler's set_epoch."""
     script = str(Path(__file__).parent / "_lightning_run.py")
 
     def ddp(root: str, stop: int, out: str) -> None:
-        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out, "0"], check=True, timeout=300,
+        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out, loader], check=True, timeout=300,
                        capture_output=True, cwd=tmp_path)
 
     ddp(str(tmp_path / "a"), 0, str(tmp_path / "a.pt"))
-    ddp(str(tmp_path / "b"), 5, str(tmp_path / "crashed.pt"))  # an epoch boundary: 40 samples / 2 ranks / 4
+    ddp(str(tmp_path / "b"), stop, str(tmp_path / "crashed.pt"))
     ddp(str(tmp_path / "b"), 0, str(tmp_path / "b.pt"))
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])] == []
     assert a["seen"] == b["seen"]
     names = {i.name: i.type for i in CheckpointManager(str(tmp_path / "b")).list().data}
-    assert names == {"checkpoint-5": "automatic", "checkpoint-20": "final"}
+    assert names == {f"checkpoint-{stop}": "automatic", "checkpoint-20": "final"}
