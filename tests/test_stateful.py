@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_callback import CheckpointHook, CheckpointManager, InvalidArgumentError
+from ckpt_callback import (
+    CheckpointHook,
+    CheckpointManager,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    ResumableSampler,
+)
 
 StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
 RandomSampler = pytest.importorskip("torchdata.stateful_dataloader.sampler").RandomSampler
@@ -26,15 +32,20 @@ def _shuffled_loader(seed: int) -> StatefulDataLoader:
 
 
 def _train(root: str, *, seed: int, total: int, stop: int | None = None, stateful: bool = True,
-           plain: bool = False) -> nn.Module:
+           plain: bool = False, resumable: bool = False) -> nn.Module:
     """Train to ``total`` optimizer steps with a shuffled loader (resuming from ``root`` if it holds a
     checkpoint); with ``stop``, save there and leave as a killed job would (no final checkpoint)."""
     torch.manual_seed(seed)  # a resumed run starts from other weights, loader order and RNG: all must be restored
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     loader = torch.utils.data.DataLoader(DATA, batch_size=4, shuffle=True) if plain else _shuffled_loader(seed)
+    if resumable:  # a plain DataLoader over our sampler: the sampler is the stateful part
+        sampler = ResumableSampler(DATA, seed=5)
+        loader = torch.utils.data.DataLoader(DATA, batch_size=4, sampler=sampler,
+                                             generator=torch.Generator().manual_seed(seed))
     hook = CheckpointHook(root, model, optimizer=opt, every_n_steps=stop or total,
-                          stateful={"loader": loader} if stateful else None, save_on_signals=())
+                          stateful=({"sampler": loader.sampler} if resumable else {"loader": loader}) if stateful
+                          else None, save_on_signals=())
     step = hook.resume()
     while step < total:
         for x, y in loader:
@@ -60,6 +71,23 @@ def test_shuffled_stateful_dataloader_resumes_bit_exactly(tmp_path: Path, stop: 
     resumed = _train(str(tmp_path / "b"), seed=123, total=27)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("stop", [13, 20, 3])
+def test_a_plain_dataloader_with_resumable_sampler_resumes_bit_exactly(tmp_path: Path, stop: int):
+    straight = _train(str(tmp_path / "a"), seed=0, total=27, resumable=True)
+    _train(str(tmp_path / "b"), seed=0, total=27, stop=stop, resumable=True)
+    resumed = _train(str(tmp_path / "b"), seed=123, total=27, resumable=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resumable_sampler_refuses_the_state_of_another_dataset():
+    state = ResumableSampler(range(10), seed=1).state_dict()
+    with pytest.raises(CorruptCheckpointError, match="resume with the same dataset"):
+        ResumableSampler(range(12), seed=1).load_state_dict(state)
+    with pytest.raises(CorruptCheckpointError, match="not a ResumableSampler state"):
+        ResumableSampler(range(10)).load_state_dict({"epoch": 1})
 
 
 def test_a_plain_shuffled_dataloader_resumes_exactly_at_an_epoch_boundary(tmp_path: Path):

@@ -28,6 +28,7 @@ from ._hook import CheckpointHook
 from ._import import import_checkpoints
 from ._manager import CheckpointManager, CheckpointRequest, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
+from ._sampler import ResumableSampler
 from ._sidecar import CheckpointInfo, FileEntry
 from ._trackers import MlflowLink, WandbLink
 
@@ -55,6 +56,7 @@ __all__ = [
     "InvalidNameError",
     "MlflowLink",
     "RequestTimeoutError",
+    "ResumableSampler",
     "RetentionPolicy",
     "SaveError",
     "SavePolicy",
