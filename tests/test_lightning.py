@@ -61,8 +61,21 @@ def test_checkpoint_is_ours_and_listed(tmp_path: Path):
     assert set(load_file(folder / "model.safetensors")) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
 
 
+def test_every_n_epochs_saves_at_epoch_ends_with_the_epochs_done(tmp_path: Path):
+    run(str(tmp_path / "r"), seed=0, total=30, stop=None, stateful=False,
+        schedule={"every_n_steps": None})  # no schedule given: every epoch
+    infos = CheckpointManager(str(tmp_path / "r"), keep_last=None).list(sort_by="step", order="asc").data
+    assert [(i.name, i.epoch) for i in infos] == [("checkpoint-10", 1.0), ("checkpoint-20", 2.0),
+                                                   ("checkpoint-30", 3.0)]
+    assert infos[-1].type == "final" and all(i.metric("val_loss") is not None for i in infos)
+
+
 def test_resume_from_is_none_on_an_empty_root(tmp_path: Path):
     assert LightningCheckpoint(str(tmp_path / "empty")).resume_from() is None
+    with pytest.raises(InvalidArgumentError, match="save_on_signals"):
+        LightningCheckpoint(str(tmp_path / "empty"), save_on_signals=())
+    with pytest.raises(InvalidArgumentError, match="every_n_epochs"):
+        LightningCheckpoint(str(tmp_path / "empty"), every_n_epochs=0)
 
 
 def test_module_state_that_needs_pickle_is_refused_by_name(tmp_path: Path, monkeypatch):

@@ -65,6 +65,11 @@ class LightningCheckpoint(Callback):
     def __init__(self, root: str, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  every_n_seconds: float | None = None, stateful: Mapping[str, Any] | None = None,
                  **manager_options: Any) -> None:
+        unsupported = sorted({"save_on_signals", "check_requests_every"} & set(manager_options))
+        if unsupported:
+            raise InvalidArgumentError(f"LightningCheckpoint does not take {', '.join(unsupported)} yet: Lightning "
+                                       "handles SIGTERM itself (its SignalConnector); use CheckpointHook or "
+                                       "CheckpointCallback for signal-triggered final checkpoints")
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise InvalidArgumentError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
         self.manager = CheckpointManager(root, **manager_options)
