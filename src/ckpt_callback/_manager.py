@@ -31,14 +31,25 @@ from ._errors import (
     InvalidArgumentError,
     StorageError,
 )
-from ._layout import default_name
+from ._layout import MODEL_PREFIX, default_name
 from ._policy import newest
+from ._pretrained import (
+    MERGED_DIR,
+    config_files,
+    is_hf_model,
+    merged_extras,
+    merged_payload,
+    pretrained_payload,
+    prove,
+)
 from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
+from ._serialization import dedupe_tensors
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
+    Adapter,
     CheckpointInfo,
     Monitor,
     Source,
@@ -73,6 +84,16 @@ class VerifyResult:
         return not self.problems
 
 
+def _written(model: dict[str, torch.Tensor], sharded: bool) -> dict[str, torch.Tensor]:
+    """The tensors a save writes under their names (tied copies stored once; DTensors at their full shape)."""
+    if sharded:
+        return model
+    try:
+        return dedupe_tensors(model)[0]
+    except InvalidArgumentError:  # the writer says what is wrong with the state
+        return model
+
+
 class CheckpointManager:
     """Crash-safe safetensors checkpoints with a sidecar, type tags and retention, on any fsspec root.
 
@@ -92,6 +113,10 @@ class CheckpointManager:
         consolidate: for sharded models (FSDP2, tensor parallel), which saves also merge the
             model into HF-layout weights that load as they are: ``"final"`` (default), ``"always"``
             or ``"never"``. The shards are then dropped; optimizer state stays sharded.
+        save_merged: for peft models (whose checkpoints hold the adapter alone), which saves also
+            hold the merged full model under ``merged/`` (an HF folder ``AutoModel*.from_pretrained``
+            loads): ``"never"`` (default), ``"final"`` or ``"always"``. The merge runs on a copy
+            (peft's ``merge_and_unload``), so it costs one more model's memory for a moment.
 
     Example:
         >>> import torch
@@ -117,12 +142,16 @@ class CheckpointManager:
         writer: bool | None = None,
         save_threads: int = 2,
         consolidate: str = "final",
+        save_merged: str = "never",
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
         if consolidate not in ("final", "always", "never"):
             raise InvalidArgumentError(f"consolidate must be 'final', 'always' or 'never', got {consolidate!r}")
         self.consolidate = consolidate
+        if save_merged not in ("never", "final", "always"):
+            raise InvalidArgumentError(f"save_merged must be 'never', 'final' or 'always', got {save_merged!r}")
+        self.save_merged = save_merged
         storage = Storage(root, storage_options)
         self._storage = storage  # for tests that tune retries; everything else goes through the parts below
         self._root = storage.url
@@ -217,7 +246,9 @@ class CheckpointManager:
             extra_state: more JSON-able (tensors allowed) state to restore with `restore`.
             rng: save RNG states (default: when an optimizer is given).
             files: extra small files (relative path → bytes), e.g. ``config.json``.
-            model_name, version, inference_ready: override what is derived from ``state``.
+            model_name, version: override what is derived from ``state``.
+            inference_ready: False marks the checkpoint not inference-ready even when it is proven
+                to be; ``inferenceReady`` is never true unless proven (see `_pretrained.prove`).
             source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
 
         Returns:
@@ -244,17 +275,42 @@ class CheckpointManager:
             raise InvalidArgumentError(str(exc).split(";")[0]) from exc
         module = unwrap_model(state)
         model = model_state(module)
+        sharded = is_sharded(model)
+        payload = pretrained_payload(module) if not sharded else None
+        prefix, more_weights, adapter = MODEL_PREFIX, {}, None
+        if payload is not None:
+            model, prefix = payload.state, payload.prefix
+            extra_files = {**payload.files, **extra_files}
+            if payload.adapter is not None:
+                adapter = Adapter(type=payload.adapter["type"], base_model=payload.adapter.get("baseModel"))
+                if self.save_merged == "always" or (self.save_merged == "final" and type == "final"):
+                    merged = merged_payload(module)
+                    more_weights = {merged.prefix: merged.state}
+                    extra_files.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged_extras(extra_files)})
+                    extra_files.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged.files.items()})
+                    adapter = Adapter(type=adapter.type, base_model=adapter.base_model, merged=MERGED_DIR)
+        elif sharded and is_hf_model(module) and "config.json" not in extra_files:
+            extra_files = {**config_files(module), **extra_files}
+        if payload is not None and payload.proof is not None and payload.adapter is not None:
+            proof = payload.proof  # an adapter is proven against its live base
+        else:
+            proof = prove(extra_files, {k: tuple(v.shape) for k, v in _written(model, sharded).items()})
+        if not proof and (payload is not None or "config.json" in extra_files):
+            logger.info("checkpoint %s is not inference-ready: %s", name, proof.why)
         derived_name, derived_version = describe_model(module)
+        if adapter is not None and adapter.base_model:
+            derived_name = adapter.base_model
         monitor, mode = self.monitor
         info = CheckpointInfo(
             name=name, step=step, type=type, description=description, epoch=clean_number(epoch, key="epoch"),
             train_loss=clean_number(train_loss, key="train_loss"), eval_loss=clean_number(eval_loss, key="eval_loss"),
             metrics=clean_metrics(metrics), model=model_name if model_name is not None else derived_name,
-            version=version if version is not None else derived_version, inference_ready=bool(inference_ready),
-            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source,
+            version=version if version is not None else derived_version,
+            inference_ready=bool(proof) and inference_ready is not False,
+            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source, adapter=adapter,
         )
         rng = rng if rng is not None else optimizer is not None
-        if is_sharded(model):
+        if sharded:
             return self._save_sharded(module, info, explicit=explicit, files=extra_files, optimizer=optimizer,
                                       scheduler=scheduler, extra_state=extra_state, rng=rng)
         if not self.writer:
@@ -264,7 +320,8 @@ class CheckpointManager:
             self._writer.settle_previous()
             return self._retention.promote(existing, info)
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
-        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)
+        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit,
+                      prefix=prefix, more_weights=more_weights)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)
