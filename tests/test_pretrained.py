@@ -111,6 +111,8 @@ def _kinds(tmp_path: Path) -> dict[str, tuple[Any, dict[str, Any], Any, bool]]:
         "weights-not-of-the-config": (wrong.state_dict(), {"files": wrong_files}, wrong, False),
         "lora-as-a-full-state-dict": (full_lora, {"files": config_files(peft_model.get_base_model())}, peft_model,
                                       False),
+        "state-dict-with-the-tied-copy": ({k: v.clone() for k, v in hf.state_dict().items()},
+                                          {"files": config_files(hf)}, hf, True),  # lm_head written too
         "missing-a-weight": ({k: v for k, v in hf.state_dict().items() if "h.1.mlp" not in k},
                              {"files": config_files(hf)}, hf, False),
     }
@@ -247,3 +249,34 @@ def test_the_trainer_resumes_a_lora_run_exactly_and_merges_the_final_model(tmp_p
     assert not (loading["missing_keys"] or loading["unexpected_keys"] or loading["mismatched_keys"])
     torch.testing.assert_close(live_logits(merged), live)  # merging rounds: close, not bit-equal
     assert (folder / "merged" / "tokenizer.json").exists()
+
+
+def test_export_list_and_inspect_of_adapter_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import yaml
+
+    from ckpt_callback._cli import main
+
+    base = named_base(tmp_path / "base")
+    model = lora(base)
+    root = str(tmp_path / "ckpts")
+    manager = CheckpointManager(root, save_merged="final")
+    manager.save(model, step=1, files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
+    manager.save(model, step=2, type="final")
+    live = live_logits(model)
+
+    assert main(["export", root, "checkpoint-1", str(tmp_path / "adapter")]) == 0  # no merged model: the adapter
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json",
+                                                                 "tokenizer.json"}
+    assert peft_loads_exactly(base, tmp_path / "adapter", live)
+    assert main(["export", root, "final", str(tmp_path / "merged"), "--dtype", "bfloat16"]) == 0  # the merged model
+    merged, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not (loading["missing_keys"] or loading["unexpected_keys"]) and merged.dtype == torch.bfloat16
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+    capsys.readouterr()
+    assert main(["list", root]) == 0
+    assert "final (LORA)" in capsys.readouterr().out
+    assert main(["inspect", root, "final"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert doc["spec"]["adapter"] == {"type": "LORA", "baseModel": str(base), "merged": "merged"}
+    assert doc["status"]["metadata"]["inferenceReady"] is True
