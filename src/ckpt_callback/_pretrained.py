@@ -73,7 +73,8 @@ class Payload:
 
     ``state`` goes to ``{prefix}.safetensors`` (or shards of it); ``files`` are small files
     (relative path → bytes). ``adapter`` describes a peft adapter (``{"type", "baseModel"}``),
-    None for a full model. ``proof`` says whether the folder loads as it is.
+    None for a full model; ``proof`` (adapters only: they are proven against the live base) says
+    whether the folder loads as it is.
     """
 
     state: dict[str, torch.Tensor]
@@ -111,9 +112,7 @@ def pretrained_payload(module: Any) -> Payload | None:
     if is_peft_model(module):
         return _adapter_payload(module)
     if is_hf_model(module):
-        state = hf_state(module)
-        files = config_files(module)
-        return Payload(state=state, files=files, proof=prove(files, _shapes(state)))
+        return Payload(state=hf_state(module), files=config_files(module))  # proven by the save, with its files
     return None
 
 
@@ -363,8 +362,9 @@ def _prove_adapter(model: Any, adapter_config: bytes, saved: Mapping[str, tuple[
     if not saved:
         return Proof(False, "the adapter has no weights")
     try:
-        base = model.get_base_model()
-        expected = _expected_adapter(type(base), base.config.to_json_string(), adapter_config)
+        base: Any = model.get_base_model()
+        cls: Any = type(base)
+        expected = _expected_adapter(cls, base.config.to_json_string(), adapter_config)
     except Exception as exc:  # whatever fails: not proven
         return Proof(False, f"adapter_config.json does not rebuild the adapter: {type(exc).__name__}: {exc}")
     if expected != dict(saved):
@@ -376,7 +376,7 @@ def _prove_adapter(model: Any, adapter_config: bytes, saved: Mapping[str, tuple[
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_adapter(cls: type, base_config: str, adapter_config: bytes) -> dict[str, tuple[int, ...]]:
+def _expected_adapter(cls: Any, base_config: str, adapter_config: bytes) -> dict[str, tuple[int, ...]]:
     """The adapter weights (name → shape) ``adapter_config`` injects into a meta copy of the base."""
     import peft
 
