@@ -100,6 +100,8 @@ def _kinds(tmp_path: Path) -> dict[str, tuple[Any, dict[str, Any], Any, bool]]:
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
             return self.emb(ids)
 
+    bare = hf.config.to_json_string().encode()  # names no architectures: AutoModelForCausalLM picks the class
+    assert hf.config.architectures is None
     full_lora = peft_model.state_dict()  # the old layout: the whole peft model under the base's config.json
     return {
         "hf": (hf, {}, hf, True),
@@ -113,6 +115,7 @@ def _kinds(tmp_path: Path) -> dict[str, tuple[Any, dict[str, Any], Any, bool]]:
                                       False),
         "state-dict-with-the-tied-copy": ({k: v.clone() for k, v in hf.state_dict().items()},
                                           {"files": config_files(hf)}, hf, True),  # lm_head written too
+        "state-dict-with-a-bare-config": (hf.state_dict(), {"files": {"config.json": bare}}, hf, True),
         "missing-a-weight": ({k: v for k, v in hf.state_dict().items() if "h.1.mlp" not in k},
                              {"files": config_files(hf)}, hf, False),
     }
@@ -189,7 +192,8 @@ def test_the_hook_resumes_a_lora_run_exactly(tmp_path: Path):
         model = lora(base)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-        with CheckpointHook(root, model, optimizer=optimizer, scheduler=scheduler, every_n_steps=2) as hook:
+        with CheckpointHook(root, model, optimizer=optimizer, scheduler=scheduler, every_n_steps=2,
+                            async_save=True) as hook:
             for step in range(hook.resume() + 1, 9):
                 model.train()
                 noise = torch.rand(1).item()  # RNG drawn every step: resume must restore it
@@ -221,12 +225,20 @@ def test_the_trainer_resumes_a_lora_run_exactly_and_merges_the_final_model(tmp_p
     base = named_base(tmp_path / "base")
 
     def trainer(root: str, callbacks: list[Any], **options: Any) -> Any:
-        return tiny_trainer(str(tmp_path / "out"), [CheckpointCallback(root, save_merged="final", **options),
+        options = {"save_merged": "final", **options}
+        return tiny_trainer(str(tmp_path / "out"), [CheckpointCallback(root, **options),
                                                     *callbacks], model=lora(base), save_steps=6)
 
-    straight = trainer(str(tmp_path / "straight"), [])
+    # saved every 4 steps, with the evaluations; "best" = the highest eval loss, so not the last checkpoint
+    straight = trainer(str(tmp_path / "straight"), [], load_best_at_end=True, keep_last=None, save_merged="never",
+                       every_n_steps=4, monitor="evalLoss", mode="max")
     straight.train()
-    expected = {k: v.detach().clone() for k, v in straight.model.named_parameters() if v.requires_grad}
+    done = CheckpointManager(str(tmp_path / "straight"))
+    expected = done.load("final")  # the adapter after 12 uninterrupted steps
+    best = done.best()
+    assert best is not None and best.adapter is not None and best.name != "checkpoint-12"
+    loaded = get_peft_model_state_dict(straight.model)  # the best adapter was loaded into the model at the end
+    assert all(torch.equal(v, done.load(best.name)[k]) for k, v in loaded.items())
 
     root = str(tmp_path / "resumed")
     first = trainer(root, [Preempt(after=6)])
@@ -237,7 +249,7 @@ def test_the_trainer_resumes_a_lora_run_exactly_and_merges_the_final_model(tmp_p
     second = trainer(root, [])
     callback = next(c for c in second.callback_handler.callbacks if isinstance(c, CheckpointCallback))
     second.train(resume_from_checkpoint=callback.resume_from())
-    resumed = {k: v for k, v in second.model.named_parameters() if v.requires_grad}
+    resumed = get_peft_model_state_dict(second.model)
     assert set(resumed) == set(expected) and all(torch.equal(resumed[k], v) for k, v in expected.items())
 
     final = CheckpointManager(root).get("final")
@@ -280,3 +292,17 @@ def test_export_list_and_inspect_of_adapter_checkpoints(tmp_path: Path, capsys: 
     doc = yaml.safe_load(capsys.readouterr().out)
     assert doc["spec"]["adapter"] == {"type": "LORA", "baseModel": str(base), "merged": "merged"}
     assert doc["status"]["metadata"]["inferenceReady"] is True
+
+
+def test_the_adapter_key_of_the_sidecar_round_trips_and_rejects_hostile_values():
+    from ckpt_callback import CheckpointInfo, SidecarError
+    from ckpt_callback._sidecar import Adapter
+
+    info = CheckpointInfo(name="c", step=1, adapter=Adapter("LORA", "gpt2", "merged"))
+    doc = info.to_json()
+    assert doc["adapter"] == {"type": "LORA", "baseModel": "gpt2", "merged": "merged"}
+    assert CheckpointInfo.from_json(doc) == info
+    assert "adapter" not in CheckpointInfo(name="c", step=1).to_json()  # full models have no such key
+    for bad in ("LORA", {"type": 3}, {"type": "LORA", "merged": "../outside"}, {"type": "LORA", "baseModel": 1}):
+        with pytest.raises(SidecarError, match="adapter"):
+            CheckpointInfo.from_json({**doc, "adapter": bad})

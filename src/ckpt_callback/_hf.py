@@ -349,7 +349,7 @@ class CheckpointCallback(TrainerCallback):
                            self.manager.root, self.manager.monitor[0])
             return
         module = unwrap_model(model)
-        if is_sharded(module.state_dict()):  # every rank loads its own shards of it
+        if is_sharded(module.state_dict()) or is_peft_model(module):  # own shards; or the adapter, by peft
             self.manager.restore(best.name, model=module, rng=False)
             logger.info("loaded the best checkpoint %s (step %d) into the model", best.name, best.step)
             return

@@ -287,10 +287,12 @@ def prove(files: Mapping[str, bytes], weights: Mapping[str, Iterable[int]]) -> P
     if not weights:
         return Proof(False, "no weights")
     try:
-        expected = _expected_from_config(bytes(files[CONFIG]))
+        candidates = _expected_from_config(bytes(files[CONFIG]))
     except Exception as exc:  # whatever fails while building the architecture: not proven
         return Proof(False, f"config.json does not build a transformers model: {type(exc).__name__}: {exc}")
-    return expected.check({k: tuple(int(d) for d in v) for k, v in weights.items()})
+    saved = {k: tuple(int(d) for d in v) for k, v in weights.items()}
+    proofs = [expected.check(saved) for expected in candidates]
+    return next((p for p in proofs if p), proofs[0])
 
 
 @dataclass(frozen=True)
@@ -324,23 +326,59 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_from_config(config_json: bytes) -> _Expected:
-    """Build the architecture ``config.json`` names on the meta device and read what it loads."""
+def _expected_from_config(config_json: bytes) -> tuple[_Expected, ...]:
+    """Build the architecture ``config.json`` names on the meta device and read what it loads.
+
+    A config that names no ``architectures`` (``config.save_pretrained`` of a fresh config) is
+    loaded by the ``AutoModel*`` class the user picks: then every model class transformers maps
+    its ``model_type`` to is a candidate, and the weights must fit one of them exactly.
+    """
     import transformers
 
     doc = json.loads(config_json)
-    architectures = doc.get("architectures") if isinstance(doc, dict) else None
-    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
-        raise ValueError("it names no architectures")
-    cls = getattr(transformers, architectures[0], None)
+    if not isinstance(doc, dict):
+        raise ValueError("it is not a JSON object")
+    architectures = doc.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        names = [architectures[0]]
+    else:
+        names = _classes_of(doc.get("model_type"))
+        if not names:
+            raise ValueError(f"it names no architectures and transformers maps no model to {doc.get('model_type')!r}")
+    out, failure = [], None
+    for name in names:
+        try:
+            out.append(_expected_of_class(getattr(transformers, name, None), name, config_json))
+        except Exception as exc:  # this candidate is out; one that builds may remain
+            failure = failure or exc
+    if not out:
+        raise failure or ValueError("no model class builds from it")
+    return tuple(out)
+
+
+def _expected_of_class(cls: Any, name: str, config_json: bytes) -> _Expected:
     if cls is None or not hasattr(cls, "config_class"):
-        raise ValueError(f"transformers has no model class {architectures[0]!r} (custom code is never assumed)")
+        raise ValueError(f"transformers has no model class {name!r} (custom code is never assumed)")
     with tempfile.TemporaryDirectory(prefix="ckpt-config-") as tmp:
         Path(tmp, CONFIG).write_bytes(config_json)
         config = cls.config_class.from_pretrained(tmp)
     with _quiet(), torch.device("meta"):
         model = cls._from_config(config)
     return _expected_of(model, hf_state(model))
+
+
+def _classes_of(model_type: Any) -> list[str]:
+    """Every model class name transformers' auto mappings give ``model_type`` (AutoModel, ...ForCausalLM, ...)."""
+    from transformers.models.auto import modeling_auto
+
+    names: list[str] = []
+    for attr, mapping in vars(modeling_auto).items():
+        if attr.startswith("MODEL") and attr.endswith("MAPPING_NAMES") and isinstance(mapping, Mapping):
+            found = mapping.get(model_type) if isinstance(model_type, str) else None
+            for name in [found] if isinstance(found, str) else list(found or ()):
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
+    return names
 
 
 def _expected_of(model: torch.nn.Module, saved_form: Mapping[str, torch.Tensor]) -> _Expected:
