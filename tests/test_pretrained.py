@@ -116,6 +116,9 @@ def _kinds(tmp_path: Path) -> dict[str, tuple[Any, dict[str, Any], Any, bool]]:
         "state-dict-with-the-tied-copy": ({k: v.clone() for k, v in hf.state_dict().items()},
                                           {"files": config_files(hf)}, hf, True),  # lm_head written too
         "state-dict-with-a-bare-config": (hf.state_dict(), {"files": {"config.json": bare}}, hf, True),
+        "lm-head-instead-of-the-embedding": ({k: v.clone() for k, v in hf.state_dict().items()
+                                              if k != "transformer.wte.weight"}, {"files": config_files(hf)}, hf,
+                                             True),  # from_pretrained ties the embedding to the head
         "missing-a-weight": ({k: v for k, v in hf.state_dict().items() if "h.1.mlp" not in k},
                              {"files": config_files(hf)}, hf, False),
     }
@@ -133,6 +136,10 @@ def test_inference_ready_is_true_exactly_when_from_pretrained_loads_the_live_mod
         else:
             loads = loads_exactly(folder, logits)
         assert (info.inference_ready, loads) == (ready, ready), kind
+        if kind == "hf":  # the file holds what save_pretrained writes; load() gives the tied name back too
+            assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+            state = manager.load(kind)
+            assert state["lm_head.weight"] is state["transformer.wte.weight"]
         assert manager.get(kind).inference_ready is ready
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "merged_payload",
     "pretrained_payload",
     "prove",
+    "with_tied_aliases",
 ]
 
 logger = logging.getLogger("ckpt_callback")
@@ -112,8 +113,22 @@ def pretrained_payload(module: Any) -> Payload | None:
     if is_peft_model(module):
         return _adapter_payload(module)
     if is_hf_model(module):
-        return Payload(state=hf_state(module), files=config_files(module))  # proven by the save, with its files
+        return Payload(state=with_tied_aliases(module, hf_state(module)), files=config_files(module))
     return None
+
+
+def with_tied_aliases(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus, after it, the tied copies ``save_pretrained`` dropped (``lm_head.weight``): the writer
+    stores each once under the kept name and records the alias, so `load` gives every name back while
+    the file holds what ``save_pretrained`` writes."""
+    from ._serialization import view_key
+
+    kept = {view_key(t) for t in state.values() if t.numel()}
+    out = dict(state)
+    for key, tensor in model.state_dict().items():
+        if key not in out and tensor.numel() and view_key(tensor) in kept:
+            out[key] = tensor
+    return out
 
 
 # --- full HF models ------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ def merged_payload(model: Any) -> Payload:
     """The full model with the adapter merged in (peft's ``merge_and_unload`` on a copy: the live
     model keeps its adapter), as an HF folder under ``merged/``."""
     merged = copy.deepcopy(model).merge_and_unload()
-    state = hf_state(merged)
+    state = with_tied_aliases(merged, hf_state(merged))
     files = config_files(merged)
     return Payload(state=state, files=files, prefix=f"{MERGED_DIR}/model", proof=prove(files, _shapes(state)))
 
@@ -297,7 +312,7 @@ def prove(files: Mapping[str, bytes], weights: Mapping[str, Iterable[int]]) -> P
 
 @dataclass(frozen=True)
 class _Expected:
-    """The weights an architecture loads: required names with shapes, tied partners, ignore patterns."""
+    """The weights an architecture loads: required names with shapes, tied groups, ignore patterns."""
 
     required: dict[str, tuple[int, ...]]
     allowed: dict[str, tuple[int, ...]]  # required plus tied copies that may be written too
@@ -314,6 +329,7 @@ class _Expected:
             k = wrong[0]
             return Proof(False, f"{k!r} has shape {list(saved[k])}, the config's architecture wants "
                                 f"{list(self.allowed[k])}")
+        # a tied weight is there when any name of its group is written: from_pretrained ties the others to it
         missing = [k for k in self.required if k not in saved and not (self.tied.get(k, frozenset()) & saved.keys())
                    and not _matches(k, self.ignore_missing)]
         if missing:
