@@ -200,7 +200,7 @@ def test_the_hook_resumes_a_lora_run_exactly(tmp_path: Path):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         with CheckpointHook(root, model, optimizer=optimizer, scheduler=scheduler, every_n_steps=2,
-                            async_save=True) as hook:
+                            async_save=True, save_merged="final") as hook:
             for step in range(hook.resume() + 1, 9):
                 model.train()
                 noise = torch.rand(1).item()  # RNG drawn every step: resume must restore it
@@ -226,6 +226,9 @@ def test_the_hook_resumes_a_lora_run_exactly(tmp_path: Path):
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
     info = CheckpointManager(root).get("final")
     assert info.adapter is not None and "adapter_model.safetensors" in {f.path for f in info.files}
+    # step 8 was saved on schedule first; the final of the same step is saved again, with the merged model
+    assert info.name == "checkpoint-8" and info.adapter.merged == "merged"
+    assert "merged/model.safetensors" in {f.path for f in info.files}
 
 
 def test_the_trainer_resumes_a_lora_run_exactly_and_merges_the_final_model(tmp_path: Path):

@@ -31,21 +31,12 @@ from ._errors import (
     InvalidArgumentError,
     StorageError,
 )
-from ._layout import MODEL_PREFIX, default_name
+from ._layout import default_name
 from ._policy import newest
-from ._pretrained import (
-    MERGED_DIR,
-    config_files,
-    is_hf_model,
-    merged_extras,
-    merged_payload,
-    pretrained_payload,
-    prove,
-)
+from ._pretrained import plan_save
 from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
-from ._serialization import dedupe_tensors
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
@@ -82,16 +73,6 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _written(model: dict[str, torch.Tensor], sharded: bool) -> dict[str, torch.Tensor]:
-    """The tensors a save writes under their names (tied copies stored once; DTensors at their full shape)."""
-    if sharded:
-        return model
-    try:
-        return dedupe_tensors(model)[0]
-    except InvalidArgumentError:  # the writer says what is wrong with the state
-        return model
 
 
 class CheckpointManager:
@@ -276,29 +257,15 @@ class CheckpointManager:
         module = unwrap_model(state)
         model = model_state(module)
         sharded = is_sharded(model)
-        payload = pretrained_payload(module) if not sharded else None
-        prefix, more_weights, adapter = MODEL_PREFIX, {}, None
-        if payload is not None:
-            model, prefix = payload.state, payload.prefix
-            extra_files = {**payload.files, **extra_files}
-            if payload.adapter is not None:
-                adapter = Adapter(type=payload.adapter["type"], base_model=payload.adapter.get("baseModel"))
-                if self.save_merged == "always" or (self.save_merged == "final" and type == "final"):
-                    merged = merged_payload(module)
-                    more_weights = {merged.prefix: merged.state}
-                    extra_files.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged_extras(extra_files)})
-                    extra_files.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged.files.items()})
-                    adapter = Adapter(type=adapter.type, base_model=adapter.base_model, merged=MERGED_DIR)
-        elif sharded and is_hf_model(module) and "config.json" not in extra_files:
-            extra_files = {**config_files(module), **extra_files}
-        if payload is not None and payload.proof is not None and payload.adapter is not None:
-            proof = payload.proof  # an adapter is proven against its live base
-        else:
-            proof = prove(extra_files, {k: tuple(v.shape) for k, v in _written(model, sharded).items()})
-        if not proof and (payload is not None or "config.json" in extra_files):
-            logger.info("checkpoint %s is not inference-ready: %s", name, proof.why)
+        if not sharded and not self.writer:
+            return None
+        merge = self.save_merged == "always" or (self.save_merged == "final" and type == "final")
+        plan = plan_save(module, model, extra_files, sharded=sharded, merge=merge)
+        if not plan.proof and plan.claims:
+            logger.info("checkpoint %s is not inference-ready: %s", name, plan.proof.why)
+        adapter = Adapter(**plan.adapter) if plan.adapter is not None else None
         derived_name, derived_version = describe_model(module)
-        if adapter is not None and adapter.base_model:
+        if adapter is not None and adapter.base_model:  # the model an adapter checkpoint is of
             derived_name = adapter.base_model
         monitor, mode = self.monitor
         info = CheckpointInfo(
@@ -306,22 +273,22 @@ class CheckpointManager:
             train_loss=clean_number(train_loss, key="train_loss"), eval_loss=clean_number(eval_loss, key="eval_loss"),
             metrics=clean_metrics(metrics), model=model_name if model_name is not None else derived_name,
             version=version if version is not None else derived_version,
-            inference_ready=bool(proof) and inference_ready is not False,
+            inference_ready=bool(plan.proof) and inference_ready is not False,
             monitor=Monitor(monitor, mode), run_id=self.run_id, source=source, adapter=adapter,
         )
         rng = rng if rng is not None else optimizer is not None
         if sharded:
-            return self._save_sharded(module, info, explicit=explicit, files=extra_files, optimizer=optimizer,
+            return self._save_sharded(module, info, explicit=explicit, files=plan.files, optimizer=optimizer,
                                       scheduler=scheduler, extra_state=extra_state, rng=rng)
-        if not self.writer:
-            return None
         existing = self._existing(info, explicit)
+        if existing is not None and plan.more_weights and (existing.adapter is None or not existing.adapter.merged):
+            existing = None  # saved again, with the merged model, in place of the one of the same step
         if existing is not None:
             self._writer.settle_previous()
             return self._retention.promote(existing, info)
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
-        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit,
-                      prefix=prefix, more_weights=more_weights)
+        job = SaveJob(info=info, model=plan.model, training=training, files=plan.files, replace=not explicit,
+                      prefix=plan.prefix, more_weights=plan.more_weights)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)

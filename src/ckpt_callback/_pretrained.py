@@ -46,12 +46,14 @@ __all__ = [
     "MERGED_DIR",
     "Payload",
     "Proof",
+    "SavePlan",
     "hf_state",
     "is_hf_model",
     "is_peft_model",
     "load_adapter_state",
     "merged_extras",
     "merged_payload",
+    "plan_save",
     "pretrained_payload",
     "prove",
     "with_tied_aliases",
@@ -73,7 +75,7 @@ class Payload:
     """What a checkpoint of one model holds besides training state.
 
     ``state`` goes to ``{prefix}.safetensors`` (or shards of it); ``files`` are small files
-    (relative path → bytes). ``adapter`` describes a peft adapter (``{"type", "baseModel"}``),
+    (relative path → bytes). ``adapter`` describes a peft adapter (`Adapter` fields: type, base_model),
     None for a full model; ``proof`` (adapters only: they are proven against the live base) says
     whether the folder loads as it is.
     """
@@ -129,6 +131,65 @@ def with_tied_aliases(model: Any, state: dict[str, torch.Tensor]) -> dict[str, t
         if key not in out and tensor.numel() and view_key(tensor) in kept:
             out[key] = tensor
     return out
+
+
+@dataclass
+class SavePlan:
+    """What one save writes for its model: weights under ``prefix``, ``more_weights`` (prefix → state,
+    the merged model), small ``files``, the sidecar's ``adapter`` fields, and the ``proof`` of
+    ``inferenceReady``; ``claims`` is whether the folder looks like something ``from_pretrained`` reads."""
+
+    model: dict[str, torch.Tensor]
+    files: dict[str, bytes]
+    proof: Proof
+    prefix: str = "model"
+    more_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    adapter: dict[str, Any] | None = None
+    claims: bool = False
+
+
+def plan_save(module: Any, model: dict[str, torch.Tensor], files: Mapping[str, bytes], *, sharded: bool,
+              merge: bool) -> SavePlan:
+    """Plan the model part of a save of ``module`` (``model`` is its state dict, ``files`` the caller's).
+
+    The caller's files win over what is derived (its own ``config.json``, say), and the proof is
+    made against what is written. ``merge``: a peft model also gets its merged full model under ``merged/``.
+    """
+    payload = pretrained_payload(module) if not sharded else None
+    if payload is None:
+        extra = dict(files)
+        if sharded and is_hf_model(module) and CONFIG not in extra:  # DTensor shards: consolidated ones load
+            extra = {**config_files(module), **extra}
+        proof = prove(extra, _shapes(_written(model, sharded)))
+        return SavePlan(model=model, files=extra, proof=proof, claims=CONFIG in extra)
+    extra = {**payload.files, **files}
+    plan = SavePlan(model=payload.state, files=extra, proof=Proof(False), prefix=payload.prefix,
+                    adapter=payload.adapter, claims=True)
+    if payload.adapter is None:
+        plan.proof = prove(extra, _shapes(_written(payload.state, False)))
+        return plan
+    plan.proof = payload.proof if ADAPTER_CONFIG not in files and payload.proof is not None else Proof(
+        False, "adapter_config.json was given by the caller, not made from the live model")
+    if merge:
+        merged = merged_payload(module)
+        plan.more_weights = {merged.prefix: merged.state}
+        extra.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged_extras(extra)})
+        extra.update({f"{MERGED_DIR}/{rel}": data for rel, data in merged.files.items()})
+        plan.adapter = {**payload.adapter, "merged": MERGED_DIR}
+    return plan
+
+
+def _written(model: dict[str, torch.Tensor], sharded: bool) -> dict[str, torch.Tensor]:
+    """The tensors a save writes under their names (tied copies stored once; DTensors at their full shape)."""
+    from ._errors import InvalidArgumentError
+    from ._serialization import dedupe_tensors
+
+    if sharded:
+        return model
+    try:
+        return dedupe_tensors(model)[0]
+    except InvalidArgumentError:  # the writer says what is wrong with the state
+        return model
 
 
 # --- full HF models ------------------------------------------------------------------------------
@@ -193,14 +254,14 @@ def _adapter_payload(model: Any) -> Payload:
         if name == "default":
             state = tensors
             base = json.loads(doc).get("base_model_name_or_path")
-            adapter = {"type": _peft_type(config), "baseModel": base}
+            adapter = {"type": _peft_type(config), "base_model": base}
             proof = _prove_adapter(model, doc, _shapes(tensors))
         else:
             files[prefix + ADAPTER_WEIGHTS] = safetensors_bytes(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     if adapter is None and model.peft_config:  # only named adapters: describe the active one
         config = model.peft_config[model.active_adapter]
-        adapter = {"type": _peft_type(config), "baseModel": config.base_model_name_or_path}
+        adapter = {"type": _peft_type(config), "base_model": config.base_model_name_or_path}
     return Payload(state=state, files=files, prefix=ADAPTER_PREFIX, adapter=adapter, proof=proof)
 
 
