@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +164,10 @@ def test_imported_folders_are_proven_the_same_way(tmp_path: Path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
-def test_a_peft_checkpoint_holds_the_adapter_alone_and_peft_loads_it(tmp_path: Path, kind: str):
+def test_a_peft_checkpoint_holds_the_adapter_alone_and_peft_loads_it(tmp_path: Path, kind: str, root: str):
     base = named_base(tmp_path / "base")
     model = lora(base, kind)
-    manager = CheckpointManager(f"memory://peft-{uuid.uuid4().hex}")
+    manager = CheckpointManager(root)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(PROBE, labels=PROBE).loss.backward()
     optimizer.step()
