@@ -294,8 +294,8 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     if not page.data:
         click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))
         return EXIT_OK
-    rows = [[i.name, i.type, str(i.step), _number(i.train_loss), _number(i.eval_loss), human_size(i.size),
-             i.created_at[:19].replace("T", " ")] for i in page.data]
+    rows = [[i.name, i.type + (f" ({i.adapter.type})" if i.adapter else ""), str(i.step), _number(i.train_loss),
+             _number(i.eval_loss), human_size(i.size), i.created_at[:19].replace("T", " ")] for i in page.data]
     headers = ["name", "type", "step", "trainLoss", "evalLoss", "size", "created (UTC)"]
     click.echo(_table(headers, rows, right={2, 3, 4, 5}))
     summary = page.summary

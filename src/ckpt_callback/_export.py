@@ -43,7 +43,10 @@ def export_checkpoint(
     """Write checkpoint ``name`` of ``root`` to ``dest`` as an HF folder for inference; return ``dest``.
 
     ``AutoModel*.from_pretrained(dest)`` and ``AutoTokenizer.from_pretrained(dest)`` load it with
-    nothing else at hand.
+    nothing else at hand. A peft adapter checkpoint exports its merged full model when it holds
+    one (saved with ``save_merged``), else the adapter folder as peft lays it out
+    (``adapter_model.safetensors``, ``adapter_config.json``, tokenizer), which
+    ``PeftModel.from_pretrained(base, dest)`` loads.
 
     Args:
         root: the checkpoint root; name: the checkpoint (``latest``, ``best``, an id...).
@@ -70,6 +73,8 @@ def export_checkpoint(
     manager = CheckpointManager(root, storage_options=storage_options, writer=False)
     info = manager.get(name)
     paths = {f.path for f in info.files}
+    if info.adapter is not None:
+        return _export_adapter(manager, info, target, dtype)
     if "config.json" not in paths:
         raise InvalidArgumentError(
             f"checkpoint {info.name!r} in {manager.root} has no config.json, so it is not an HF model folder; "
@@ -87,6 +92,36 @@ def export_checkpoint(
             _merge(copied, target)
         else:
             os.replace(copied, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _export_adapter(manager: Any, info: Any, target: Path, dtype: str | None) -> Path:
+    """A peft checkpoint: its merged full model when it holds one (``save_merged``), else the adapter
+    folder as peft saves it (``PeftModel.from_pretrained(base, DEST)`` loads it)."""
+    from safetensors.torch import load_file, save_file
+
+    merged = info.adapter.merged
+    if merged:
+        wanted = [f.path for f in info.files if f.path.startswith(merged + "/")]
+    else:
+        wanted = [f.path for f in info.files if f.path not in _LEFT_OUT and not is_training_part(f.path)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        copied = manager.download(info.name, staging / "files", include=wanted, progress=False)
+        (copied / SIDECAR).unlink()
+        folder = copied / merged if merged else copied
+        if dtype is not None:
+            for path in sorted(folder.rglob("*.safetensors")):
+                save_file(_dedupe(_cast(load_file(str(path)), dtype)), str(path), metadata={"format": "pt"})
+            if (folder / "config.json").exists():
+                _set_config_dtype(folder / "config.json", dtype)
+        if target.exists():
+            _merge(folder, target)
+        else:
+            os.replace(folder, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -12,10 +12,8 @@ Trainer's own ``_save_checkpoint`` would run.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -23,13 +21,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 from ._distributed import barrier
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
+from ._pretrained import is_hf_model, is_peft_model, read_folder
 from ._sharded import is_sharded
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
 from ._training import TrainingStateValues, check_stateful, restore_rng, unwrap_model
@@ -60,7 +58,7 @@ class CheckpointCallback(TrainerCallback):
         check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0);
             None: never look. A ``--stop`` request ends ``train()`` normally after the final checkpoint.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
-            storage_options, async_save, max_shard_size, writer, on_commit).
+            storage_options, async_save, max_shard_size, writer, on_commit, save_merged for peft models).
 
     Example:
         >>> callback = CheckpointCallback("memory://doc-hf", keep_last=3, monitor="evalLoss")
@@ -290,48 +288,38 @@ class CheckpointCallback(TrainerCallback):
         return info
 
     def _payload(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """What `CheckpointManager.save` gets for the Trainer's current step, besides step and type."""
+        """What `CheckpointManager.save` gets for the Trainer's current step, besides step and type.
+
+        The manager lays the model out (HF folder, or a peft adapter folder) and proves whether
+        it loads as it is; the callback adds the tokenizer and the Trainer's own state.
+        """
         model = unwrap_model(kwargs["model"])
-        hf = hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "save_pretrained")
         # transformers < 4.46 hands the tokenizer to callbacks as ``tokenizer``, later as ``processing_class``.
         processor = kwargs.get("processing_class") or kwargs.get("tokenizer")
-        files, ready = self._files(model, processor) if hf else ({}, False)
+        files = self._processor_files(processor) if is_hf_model(model) or is_peft_model(model) else {}
         trainer_state = dataclasses.asdict(state)
         trainer_state["stateful_callbacks"] = {**(trainer_state.get("stateful_callbacks") or {}),
                                                "TrainerControl": control.state()}
         files[TRAINER_STATE_FILE] = (dumps_strict(trainer_state, indent=2, sort_keys=True) + "\n").encode()
         metrics = _step_metrics(state.log_history, state.global_step)
         payload = dict(
-            state=_hf_state(model) if hf else model, epoch=state.epoch, metrics=metrics,
+            state=model, epoch=state.epoch, metrics=metrics,
             train_loss=_nearest_loss(state.log_history, state.global_step), eval_loss=metrics.get("eval_loss"),
-            files=files, inference_ready=ready, rng=not args.save_only_model, stateful=self.stateful,
+            files=files, rng=not args.save_only_model, stateful=self.stateful,
         )
         if not args.save_only_model:
             payload.update(optimizer=kwargs.get("optimizer"), scheduler=kwargs.get("lr_scheduler"))
-        if hf:
-            payload.update(model_name=model.config.name_or_path or model.config.model_type,
-                           version=_transformers_version())
         return payload
 
-    def _files(self, model: Any, processing_class: Any) -> tuple[dict[str, bytes], bool]:
-        """config.json, generation_config.json and the processing_class's files; whether all are there."""
-        with tempfile.TemporaryDirectory(prefix="ckpt-hf-") as tmp:
-            config = copy.deepcopy(model.config)  # set what save_pretrained sets, on a copy
-            config.architectures = [type(model).__name__]
-            # the dtype's name: `dtype` since transformers 4.56, `torch_dtype` before
-            setattr(config, "dtype" if "dtype" in vars(config) else "torch_dtype", str(model.dtype).split(".")[-1])
-            if getattr(config, "_attn_implementation_autoset", False):  # transformers 4.46-4.47 (as save_pretrained)
-                config._attn_implementation_autoset = False  # else from_pretrained keeps "eager", not the default
-            config.save_pretrained(tmp)
-            if model.can_generate() and getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            files = _read_folder(tmp)
-        if processing_class is not None and (self._processor is None or self._processor[0] is not processing_class):
+    def _processor_files(self, processing_class: Any) -> dict[str, bytes]:
+        """The processing_class's files (tokenizer, processor), read once: it does not change during training."""
+        if processing_class is None:
+            return {}
+        if self._processor is None or self._processor[0] is not processing_class:
             with tempfile.TemporaryDirectory(prefix="ckpt-hf-") as tmp:
-                processing_class.save_pretrained(tmp)  # it does not change during training: read once
-                self._processor = (processing_class, _read_folder(tmp))
-        processor_files = self._processor[1] if processing_class is not None and self._processor else {}
-        return {**processor_files, **files}, bool(processor_files)
+                processing_class.save_pretrained(tmp)
+                self._processor = (processing_class, read_folder(tmp))
+        return dict(self._processor[1])
 
     def _restore(self, step: int, optimizer: Any, scheduler: Any) -> None:
         """The Trainer restored weights and trainer state; put back optimizer, scheduler and (later) RNG."""
@@ -366,7 +354,7 @@ class CheckpointCallback(TrainerCallback):
                            self.manager.root, self.manager.monitor[0])
             return
         module = unwrap_model(model)
-        if is_sharded(module.state_dict()):  # every rank loads its own shards of it
+        if is_sharded(module.state_dict()) or is_peft_model(module):  # own shards; or the adapter, by peft
             self.manager.restore(best.name, model=module, rng=False)
             logger.info("loaded the best checkpoint %s (step %d) into the model", best.name, best.step)
             return
@@ -410,32 +398,3 @@ def _nearest_loss(log_history: list[dict[str, Any]], step: int) -> float | None:
     if not logged:
         return None
     return float(min(logged, key=lambda e: (abs(e["step"] - step), e["step"]))["loss"])
-
-
-def _hf_state(model: Any) -> dict[str, torch.Tensor]:
-    """The state dict as ``save_pretrained`` writes it: ignored keys, tied aliases and renames dropped."""
-    state = dict(model.state_dict())
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
-        state.pop(key, None)
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:  # transformers 4: drop the tied copies the model lists, as its save_pretrained does
-        return {k: v for k, v in state.items() if k not in (getattr(model, "_tied_weights_keys", None) or ())}
-    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
-
-
-def _read_folder(folder: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, filenames in os.walk(folder):
-        for filename in filenames:
-            path = os.path.join(dirpath, filename)
-            out[os.path.relpath(path, folder).replace(os.sep, "/")] = Path(path).read_bytes()
-    return out
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-

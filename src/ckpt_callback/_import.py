@@ -34,8 +34,6 @@ __all__ = ["ImportPlan", "import_checkpoints", "plan_import"]
 logger = logging.getLogger("ckpt_callback")
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
-                    "preprocessor_config.json", "processor_config.json")
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _STATE_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict")
@@ -74,7 +72,7 @@ class ImportPlan:
     scheduler: _Frozen | None = None
     model_name: str | None = None
     version: str | None = None
-    inference_ready: bool = False
+    inference_ready: bool | None = None  # None: proven by the save; False: never
     skipped: list[str] = field(default_factory=list)  # what could not be carried over, and why
 
 
@@ -371,7 +369,7 @@ def _plan_folder(folder: Path, source: Source, *, trainer: bool) -> ImportPlan:
             config = json.loads(plan.files["config.json"])
     plan.model_name = config.get("_name_or_path") or config.get("model_type")
     plan.version = config.get("transformers_version")
-    plan.inference_ready = "config.json" in plan.files and any(f in plan.files for f in _TOKENIZER_FILES)
+    # inferenceReady is not decided here: `CheckpointManager.save` proves it from config.json and the weights
     if trainer:
         _trainer_state(folder, plan)
     return plan

@@ -33,12 +33,14 @@ from ._errors import (
 )
 from ._layout import default_name
 from ._policy import newest
+from ._pretrained import plan_save
 from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
+    Adapter,
     CheckpointInfo,
     Monitor,
     Source,
@@ -96,6 +98,10 @@ class CheckpointManager:
         on_commit: callables (or one) given the `CheckpointInfo` of each committed checkpoint, on the
             thread that committed it (the background one with ``async_save``), e.g. `WandbLink`. One
             that raises is logged and never stops training or the other callables.
+        save_merged: for peft models (whose checkpoints hold the adapter alone), which saves also
+            hold the merged full model under ``merged/`` (an HF folder ``AutoModel*.from_pretrained``
+            loads): ``"never"`` (default), ``"final"`` or ``"always"``. The merge runs on a copy
+            (peft's ``merge_and_unload``), so it costs one more model's memory for a moment.
 
     Example:
         >>> import torch
@@ -122,12 +128,16 @@ class CheckpointManager:
         save_threads: int = 2,
         consolidate: str = "final",
         on_commit: Callable[[CheckpointInfo], Any] | Sequence[Callable[[CheckpointInfo], Any]] = (),
+        save_merged: str = "never",
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
         if consolidate not in ("final", "always", "never"):
             raise InvalidArgumentError(f"consolidate must be 'final', 'always' or 'never', got {consolidate!r}")
         self.consolidate = consolidate
+        if save_merged not in ("never", "final", "always"):
+            raise InvalidArgumentError(f"save_merged must be 'never', 'final' or 'always', got {save_merged!r}")
+        self.save_merged = save_merged
         storage = Storage(root, storage_options)
         self._storage = storage  # for tests that tune retries; everything else goes through the parts below
         self._root = storage.url
@@ -237,7 +247,9 @@ class CheckpointManager:
                 state and loaded back by ``restore(stateful=...)``.
             rng: save RNG states (default: when an optimizer is given).
             files: extra small files (relative path → bytes), e.g. ``config.json``.
-            model_name, version, inference_ready: override what is derived from ``state``.
+            model_name, version: override what is derived from ``state``.
+            inference_ready: False marks the checkpoint not inference-ready even when it is proven
+                to be; ``inferenceReady`` is never true unless proven (see `_pretrained.prove`).
             source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
 
         Returns:
@@ -265,25 +277,36 @@ class CheckpointManager:
             raise InvalidArgumentError(str(exc).split(";")[0]) from exc
         module = unwrap_model(state)
         model = model_state(module)
+        sharded = is_sharded(model)
+        if not sharded and not self.writer:
+            return None
+        merge = self.save_merged == "always" or (self.save_merged == "final" and type == "final")
+        plan = plan_save(module, model, extra_files, sharded=sharded, merge=merge)
+        if not plan.proof and plan.claims:
+            logger.info("checkpoint %s is not inference-ready: %s", name, plan.proof.why)
+        adapter = Adapter(**plan.adapter) if plan.adapter is not None else None
         derived_name, derived_version = describe_model(module)
+        if adapter is not None and adapter.base_model:  # the model an adapter checkpoint is of
+            derived_name = adapter.base_model
         monitor, mode = self.monitor
         info = CheckpointInfo(
             name=name, step=step, type=type, description=description, epoch=clean_number(epoch, key="epoch"),
             train_loss=clean_number(train_loss, key="train_loss"), eval_loss=clean_number(eval_loss, key="eval_loss"),
             metrics=clean_metrics(metrics), model=model_name if model_name is not None else derived_name,
-            version=version if version is not None else derived_version, inference_ready=bool(inference_ready),
-            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source,
+            version=version if version is not None else derived_version,
+            inference_ready=bool(plan.proof) and inference_ready is not False,
+            monitor=Monitor(monitor, mode), run_id=self.run_id, source=source, adapter=adapter,
         )
         rng = rng if rng is not None else optimizer is not None
-        if is_sharded(model):
+        if sharded:
             if stateful:
                 raise InvalidArgumentError("stateful= is not supported for sharded models (FSDP2, tensor "
                                            "parallel) yet; save its state in extra_state instead")
-            return self._save_sharded(module, info, explicit=explicit, files=extra_files, optimizer=optimizer,
+            return self._save_sharded(module, info, explicit=explicit, files=plan.files, optimizer=optimizer,
                                       scheduler=scheduler, extra_state=extra_state, rng=rng)
-        if not self.writer:
-            return None
         existing = self._existing(info, explicit)
+        if existing is not None and plan.more_weights and (existing.adapter is None or not existing.adapter.merged):
+            existing = None  # saved again, with the merged model, in place of the one of the same step
         if existing is not None:
             self._writer.settle_previous()
             promoted = self._retention.promote(existing, info)  # re-tagged (final, manual): trackers hear of it
@@ -292,7 +315,8 @@ class CheckpointManager:
             return promoted
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng,
                                          stateful=stateful)
-        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)
+        job = SaveJob(info=info, model=plan.model, training=training, files=plan.files, replace=not explicit,
+                      prefix=plan.prefix, more_weights=plan.more_weights)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)

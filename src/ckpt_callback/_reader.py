@@ -33,6 +33,7 @@ from ._layout import (
     is_library_temp,
     is_model_weights,
 )
+from ._pretrained import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state
 from ._serialization import ALIASES_KEY, add_aliases, aliases_from_metadata, parse_index, read_safetensors
 from ._sidecar import CheckpointInfo, FileEntry, loads_strict
 from ._storage import Storage
@@ -150,6 +151,8 @@ class Reader:
                     f"{self._where(info, MODEL_INDEX)} names {missing[0]!r}, which the sidecar does not list")
         else:
             filenames, aliases = [f.path for f in info.files if is_model_weights(f.path)], {}
+            if not filenames and self.entry(info, ADAPTER_WEIGHTS) is not None:  # a peft adapter checkpoint
+                filenames = [ADAPTER_WEIGHTS]
         if not filenames:
             raise CorruptCheckpointError(f"checkpoint {info.name!r} in {self.storage.display()} lists no model weights")
         state: dict[str, torch.Tensor] = {}
@@ -163,6 +166,10 @@ class Reader:
     def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:
         """Read checkpoint ``info``'s weights straight into ``model``'s own tensors."""
         module = unwrap_model(model)
+        if is_peft_model(module) and self.entry(info, ADAPTER_WEIGHTS) is not None:
+            load_adapter_state(module, self.load(info, verify=verify), strict=strict,
+                               where=self.storage.display(info.name))
+            return
         live = module.state_dict()
         try:
             state = self.load(info, verify=verify, into=live)

@@ -28,6 +28,7 @@ from ._errors import CheckpointError, CorruptCheckpointError, InvalidArgumentErr
 
 __all__ = [
     "CHECKPOINT_TYPES",
+    "Adapter",
     "MAX_PATH_LENGTH",
     "MAX_SIDECAR_BYTES",
     "MONITOR_MODES",
@@ -202,6 +203,23 @@ class Source:
                 "sourcePath": self.source_path}
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A peft adapter checkpoint (the sidecar's ``adapter``): the folder holds the adapter, not the base.
+
+    ``type`` is peft's adapter type (``LORA``, ``IA3``, ...), ``base_model`` the config's
+    ``base_model_name_or_path`` (what ``AutoPeftModel*.from_pretrained`` loads the base from),
+    ``merged`` the folder holding the merged full model, or None.
+    """
+
+    type: str
+    base_model: str | None = None
+    merged: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "baseModel": self.base_model, "merged": self.merged}
+
+
 def _user() -> str | None:
     """The writing process's user name, if the system knows one."""
     try:
@@ -235,6 +253,7 @@ _KEYS = {
     "sharding": "sharding",
     "created_by": "createdBy",
     "source": "source",
+    "adapter": "adapter",
 }
 _ATTRS = {camel: snake for snake, camel in _KEYS.items()}
 _REQUIRED = ("id", "name", "type", "step", "createdAt")
@@ -277,6 +296,7 @@ class CheckpointInfo:
     sharding: Sharding | None = None
     created_by: str | None = field(default_factory=_user)
     source: Source | None = None
+    adapter: Adapter | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __getattr__(self, key: str) -> Any:
@@ -324,7 +344,7 @@ class CheckpointInfo:
                 value = None if _finite(value) is None else value
             elif attr in ("monitor", "source"):
                 value = None if value is None else value.to_json()
-            elif attr == "sharding":  # only sharded checkpoints have the key
+            elif attr in ("sharding", "adapter"):  # only sharded / adapter checkpoints have the key
                 if value is None:
                     continue
                 value = value.to_json()
@@ -392,6 +412,7 @@ class CheckpointInfo:
             sharding=check.sharding(),
             created_by=check.text("createdBy", nullable=True),
             source=check.source(),
+            adapter=check.adapter(),
         )
 
     @classmethod
@@ -501,6 +522,22 @@ class _Checker:
         return Sharding(world_size=int(world), engine=value.get("engine", ""), format=value.get("format", ""),
                         meshes=tuple(tuple(int(d) for d in m) for m in meshes), placements=tuple(placements),
                         consolidated=value.get("consolidated", False))
+
+    def adapter(self) -> Adapter | None:
+        value = self.data.get("adapter")
+        if value is None:
+            return None
+        expected = 'null or {"type": "LORA", "baseModel": string or null, "merged": string or null}'
+        if not isinstance(value, dict):
+            raise self.bad("adapter", expected)
+        kind, base, merged = value.get("type"), value.get("baseModel"), value.get("merged")
+        if (not isinstance(kind, str) or not _is_text(kind) or len(kind) > 200
+                or not all(v is None or (isinstance(v, str) and _is_text(v) and len(v) <= MAX_PATH_LENGTH)
+                           for v in (base, merged))):
+            raise self.bad("adapter", expected)
+        if merged is not None:
+            check_relative_path(merged, f"{self.where}: adapter.merged", error=SidecarError)
+        return Adapter(type=kind, base_model=base, merged=merged)
 
     def source(self) -> Source | None:
         value = self.data.get("source")

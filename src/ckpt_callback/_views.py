@@ -225,7 +225,7 @@ def tensorone_list(infos: Sequence[CheckpointInfo], *, total_count: int, best: C
 def weights_file(info: CheckpointInfo) -> str:
     """The file a single download link points at: ``model.safetensors`` or the shard index."""
     paths = [f.path for f in info.files]
-    for candidate in ("model.safetensors", MODEL_INDEX):
+    for candidate in ("model.safetensors", MODEL_INDEX, "adapter_model.safetensors"):
         if candidate in paths:
             return candidate
     return next((p for p in paths if p.endswith(".safetensors")), SIDECAR)
@@ -248,7 +248,7 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
     """FlexAI's ``checkpoint inspect`` document of ``info``, with our extra fields beside FlexAI's.
 
     FlexAI's fields are where FlexAI puts them, with its types (sizes as text such as
-    ``343.79 MB``); ours are added: ``spec.root/path/type/description/epoch/metrics/runId/sharding``,
+    ``343.79 MB``); ours are added: ``spec.root/path/type/description/epoch/metrics/runId/sharding/adapter``,
     ``sizeBytes`` and each file's ``sha256``.
 
     Example:
@@ -277,6 +277,7 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
             "metrics": dict(info.metrics),
             "runId": info.run_id,
             "sharding": info.sharding.to_json() if info.sharding else None,
+            "adapter": info.adapter.to_json() if info.adapter else None,
         },
         "status": {
             "status": "available",  # a sidecar exists only for a complete, committed checkpoint

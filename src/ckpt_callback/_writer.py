@@ -26,7 +26,7 @@ import torch
 from . import _distributed as distributed
 from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
-from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
+from ._layout import MODEL_INDEX, MODEL_PREFIX, OPTIMIZER_FILE, TRAINING_STATE_FILE
 from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
 from ._sharded import ALIASES_FILE, MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
@@ -50,6 +50,8 @@ class SaveJob:
     sharded: ShardedState | None = None  # every rank runs the job; rank 0 commits
     group: Any = None  # the process group of a sharded job
     consolidate: bool = False  # a sharded job also merges the model into HF-layout weights (then drops the shards)
+    prefix: str = MODEL_PREFIX  # the weights' file names: model.safetensors, or adapter_model.safetensors (peft)
+    more_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # prefix -> state, e.g. merged/
 
 
 class Writer:
@@ -230,16 +232,21 @@ class Writer:
 
     def _write_files(self, txn: Any, job: SaveJob) -> list[FileEntry]:
         entries: list[FileEntry] = []
-        plan = plan_model_files(job.model, max_shard_size=self.max_shard_size)
-        metadata = {"format": "pt"}
-        if plan.aliases:
-            metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
-        for filename, tensors in plan.files.items():
-            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata, hasher=self._hasher))
-            entries.append(FileEntry(filename, size, sha))
         blobs = dict(job.files)
-        if plan.index is not None:
-            blobs[MODEL_INDEX] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
+        for prefix, state in [(job.prefix, job.model), *job.more_weights.items()]:
+            # peft reads one adapter file, never shards of it
+            limit = self.max_shard_size if prefix.rsplit("/", 1)[-1] == MODEL_PREFIX else 1 << 62
+            plan = plan_model_files(state, max_shard_size=limit, prefix=prefix)
+            metadata = {"format": "pt"}
+            if plan.aliases:
+                metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
+            for filename, tensors in plan.files.items():
+                size, sha = txn.write(filename,
+                                      lambda f, t=tensors, m=metadata: write_safetensors(f, t, m, hasher=self._hasher))
+                entries.append(FileEntry(filename, size, sha))
+            if plan.index is not None:
+                index_name = MODEL_INDEX if prefix == MODEL_PREFIX else f"{prefix}.safetensors.index.json"
+                blobs[index_name] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             doc, tensors = job.training.to_files(step=job.info.step, epoch=job.info.epoch)
             size, sha = txn.write(
