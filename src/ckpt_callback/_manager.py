@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning
+from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning, stored_total
+from ._codec import check_compression
 from ._commit import CommitProtocol
 from ._distributed import agree, checkpoint_group, from_rank0, is_writer
 from ._errors import (
@@ -92,6 +93,12 @@ class CheckpointManager:
         consolidate: for sharded models (FSDP2, tensor parallel), which saves also merge the
             model into HF-layout weights that load as they are: ``"final"`` (default), ``"always"``
             or ``"never"``. The shards are then dropped; optimizer state stays sharded.
+        compression: ``None`` (default) or ``"zstd"``: safetensors files are stored losslessly
+            compressed (bytes grouped by position, then zstd, on ``save_threads`` threads) as
+            ``<file>.ckptz``; `load`, `restore` and `download` decode them. Such a folder is not
+            ``inferenceReady`` as it is: ``ckpt export`` or ``download(..., decompress=True)`` makes
+            a plain one. Needs the ``zstandard`` package (``pip install 'ckpt-callback[zstd]'``).
+        compression_level: zstd's level, -7 to 22 (default 1: measured best for grouped streams).
 
     Example:
         >>> import torch
@@ -117,12 +124,15 @@ class CheckpointManager:
         writer: bool | None = None,
         save_threads: int = 2,
         consolidate: str = "final",
+        compression: str | None = None,
+        compression_level: int | None = None,
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
         if consolidate not in ("final", "always", "never"):
             raise InvalidArgumentError(f"consolidate must be 'final', 'always' or 'never', got {consolidate!r}")
         self.consolidate = consolidate
+        self.compression, level = check_compression(compression, compression_level)
         storage = Storage(root, storage_options)
         self._storage = storage  # for tests that tune retries; everything else goes through the parts below
         self._root = storage.url
@@ -134,7 +144,8 @@ class CheckpointManager:
         self._retention = Retention(self._commit, self._catalog, keep_last=keep_last, keep_best=keep_best,
                                     monitor=monitor, mode=mode)
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
-                              on_commit=self._retention.after_commit)
+                              on_commit=self._retention.after_commit, compression=self.compression,
+                              compression_level=level)
         self._check_writable = storage.check_writable
         self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
@@ -441,7 +452,8 @@ class CheckpointManager:
         self._catalog.require_root()
         infos = self._view()
         summary = CheckpointSummary(best=self._retention.best(infos), latest=newest(infos),
-                                    total_size=sum(i.size for i in infos))
+                                    total_size=stored_total(infos),
+                                    total_logical_size=sum(i.logical_size for i in infos))
         return self._catalog.page(infos, sort_by=sort_by, order=order, limit=limit, after=after, type=type,
                                   summary=summary)
 
@@ -584,7 +596,8 @@ class CheckpointManager:
             self.run_id = info.run_id
 
     def download(self, name: str, dest: str | os.PathLike[str], *, progress: bool | None = None,
-                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Path:
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                 decompress: bool = False) -> Path:
         """Copy checkpoint ``name`` into the local folder ``dest`` (created), checking every sha256.
 
         ``dest`` becomes the checkpoint folder itself (so ``from_pretrained(dest)`` works for HF
@@ -592,6 +605,9 @@ class CheckpointManager:
         ``progress``: show a progress bar (default: on a terminal, for more than a few MB).
         ``include``/``exclude``: glob patterns (``*.safetensors``, ``optimizer*``) matched against each
         file's path: only files matching an include (default: all) and no exclude are copied.
+        ``decompress``: compressed files (``compression="zstd"``) land decoded under their plain
+        names (``model.safetensors``), so the folder loads with ``from_pretrained``; without it they
+        are copied as stored. Either way the folder is self-contained (nothing shared) and verifies.
 
         Raises:
             CorruptCheckpointError: a stored file does not match its sha256 (nothing is left half-copied).
@@ -599,14 +615,16 @@ class CheckpointManager:
         info = self.get(name)
         only = None
         if include or exclude:
+            def matches(f: Any, patterns: Sequence[str]) -> bool:
+                return any(fnmatch.fnmatchcase(f.path, p) or fnmatch.fnmatchcase(f.logical_path, p) for p in patterns)
+
             only = {f.path for f in info.files
-                    if (not include or any(fnmatch.fnmatchcase(f.path, p) for p in include))
-                    and not any(fnmatch.fnmatchcase(f.path, p) for p in exclude or ())}
+                    if (not include or matches(f, include)) and not matches(f, exclude or ())}
             if not only:
                 raise InvalidArgumentError(
                     f"no file of checkpoint {info.name!r} matches include={list(include or [])} "
                     f"exclude={list(exclude or [])}; its files are {', '.join(f.path for f in info.files)}")
-        return self._reader.download(info, dest, progress=progress, only=only)
+        return self._reader.download(info, dest, progress=progress, only=only, decompress=decompress)
 
     def signed_urls(self, name: str, *, expires: int = 3600) -> dict[str, str]:
         """Pre-signed download URLs (relative path → URL) for every file of checkpoint ``name``.

@@ -189,12 +189,21 @@ def safetensors_chunks(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Iterator[memoryview | bytes]:
     """The bytes of a safetensors file, as a stream of chunks (header, then each tensor)."""
+    for chunk, _ in safetensors_pieces(tensors, metadata):
+        yield chunk
+
+
+def safetensors_pieces(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Iterator[tuple[memoryview | bytes, int]]:
+    """`safetensors_chunks` with each chunk's element width (1 for the header), for byte-grouped compression."""
     head, order = _header(tensors, metadata)
-    yield head
+    yield head, 1
     for name in order:
         data = _tensor_bytes(tensors[name])
+        width = tensors[name].element_size()
         for start in range(0, len(data), _CHUNK):
-            yield data[start : start + _CHUNK]
+            yield data[start : start + _CHUNK], width
 
 
 def write_safetensors(

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from . import _codec as codec
 from . import _distributed as distributed
 from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
-from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE
-from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
+from ._layout import MODEL_INDEX, OPTIMIZER_FILE, TRAINING_STATE_FILE, is_model_weights
+from ._serialization import ALIASES_KEY, plan_model_files, safetensors_pieces, write_chunks, write_safetensors
 from ._sharded import ALIASES_FILE, MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
 from ._snapshot import StagingArea
@@ -56,9 +57,12 @@ class Writer:
     """Runs `SaveJob`s through `CommitProtocol`, then hands the committed info to ``on_commit``."""
 
     def __init__(self, commit: CommitProtocol, *, max_shard_size: int | str, save_threads: int,
-                 on_commit: Callable[[CheckpointInfo], CheckpointInfo]) -> None:
+                 on_commit: Callable[[CheckpointInfo], CheckpointInfo], compression: str | None = None,
+                 compression_level: int = 1) -> None:
         self.commit = commit
         self.max_shard_size = max_shard_size
+        self.compression, self.compression_level, self.save_threads = compression, compression_level, save_threads
+        self._compressors: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_commit = on_commit
         self._lock = threading.Lock()
         self._inflight: SaveJob | None = None  # a background job whose sidecar is not written yet
@@ -135,7 +139,10 @@ class Writer:
             txn = self.commit.begin(job.info.name, replace=job.replace)
             try:
                 entries = self._write_files(txn, job)
-                info = self._take_info(job).replace(files=tuple(entries), size=sum(e.size for e in entries))
+                info = self._take_info(job)
+                # from_pretrained cannot read compressed weights: the folder is not inference-ready as it is
+                ready = info.inference_ready and not any(e.codec and is_model_weights(e.logical_path) for e in entries)
+                info = info.replace(files=tuple(entries), size=sum(e.size for e in entries), inference_ready=ready)
                 txn.commit(info)
             except BaseException:
                 txn.abort()
@@ -235,21 +242,38 @@ class Writer:
         if plan.aliases:
             metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
         for filename, tensors in plan.files.items():
-            size, sha = txn.write(filename, lambda f, t=tensors: write_safetensors(f, t, metadata, hasher=self._hasher))
-            entries.append(FileEntry(filename, size, sha))
+            entries.append(self._write_tensors(txn, filename, tensors, metadata))
         blobs = dict(job.files)
         if plan.index is not None:
             blobs[MODEL_INDEX] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             doc, tensors = job.training.to_files(step=job.info.step, epoch=job.info.epoch)
-            size, sha = txn.write(
-                OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}, hasher=self._hasher))
-            entries.append(FileEntry(OPTIMIZER_FILE, size, sha))
+            entries.append(self._write_tensors(txn, OPTIMIZER_FILE, tensors, {"format": "pt"}))
             blobs[TRAINING_STATE_FILE] = doc
         for rel, data in blobs.items():
             size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))
             entries.append(FileEntry(rel, size, sha))
         return entries
+
+    def _write_tensors(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str]) -> FileEntry:
+        """One safetensors file, plain or (with ``compression``) byte-grouped and zstd-compressed."""
+        if self.compression is None:
+            size, sha = txn.write(filename, lambda f: write_safetensors(f, tensors, metadata, hasher=self._hasher))
+            return FileEntry(filename, size, sha)
+        if self._compressors is None and self.save_threads > 1:
+            self._compressors = concurrent.futures.ThreadPoolExecutor(self.save_threads, thread_name_prefix="ckpt-zstd")
+
+        def produce(f: Any) -> tuple[int, str, int]:
+            raw = [0]  # counted afresh if a failed upload runs this again
+            frames = codec.encode(safetensors_pieces(tensors, metadata), level=self.compression_level,
+                                  pool=self._compressors, in_flight=self.save_threads, counter=raw)
+            size, sha = write_chunks(f, frames, hasher=self._hasher)
+            return size, sha, raw[0]
+
+        stored = codec.stored_path(filename, codec.CODEC)
+        size, sha, raw_size = txn.write(stored, produce)
+        return FileEntry(stored, size, sha, codec=codec.CODEC, raw_size=raw_size)
 
     def settle_previous(self) -> None:
         """Let the background save in flight finish; its failure was logged and is not raised here."""
@@ -277,6 +301,9 @@ class Writer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._compressors is not None:
+                self._compressors.shutdown(wait=True)
+                self._compressors = None
             self._staging = StagingArea()
 
 
