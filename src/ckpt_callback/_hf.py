@@ -30,6 +30,7 @@ from ._distributed import barrier
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from ._layout import TRAINER_STATE_FILE, default_name
 from ._manager import CheckpointManager
+from ._serialization import frozen_names
 from ._sharded import is_sharded
 from ._sidecar import CheckpointInfo, clean_metrics, dumps_strict
 from ._training import TrainingStateValues, restore_rng, unwrap_model
@@ -298,8 +299,9 @@ class CheckpointCallback(TrainerCallback):
                                                "TrainerControl": control.state()}
         files[TRAINER_STATE_FILE] = (dumps_strict(trainer_state, indent=2, sort_keys=True) + "\n").encode()
         metrics = _step_metrics(state.log_history, state.global_step)
+        weights = _hf_state(model) if hf else model
         payload = dict(
-            state=_hf_state(model) if hf else model, epoch=state.epoch, metrics=metrics,
+            state=weights, frozen=frozen_names(model, weights) if hf else None, epoch=state.epoch, metrics=metrics,
             train_loss=_nearest_loss(state.log_history, state.global_step), eval_loss=metrics.get("eval_loss"),
             files=files, inference_ready=ready, rng=not args.save_only_model,
         )

@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from ._policy import newest
 from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
+from ._serialization import frozen_names
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
@@ -145,7 +146,7 @@ class CheckpointManager:
                                     monitor=monitor, mode=mode)
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
                               on_commit=self._retention.after_commit, compression=self.compression,
-                              compression_level=level)
+                              compression_level=level, committed=self._catalog.recent)
         self._check_writable = storage.check_writable
         self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
@@ -214,6 +215,7 @@ class CheckpointManager:
         version: str | None = None,
         inference_ready: bool | None = None,
         source: Source | None = None,
+        frozen: Collection[str] | None = None,
     ) -> CheckpointInfo | None:
         """Save a checkpoint and apply retention once it is committed.
 
@@ -230,6 +232,10 @@ class CheckpointManager:
             files: extra small files (relative path → bytes), e.g. ``config.json``.
             model_name, version, inference_ready: override what is derived from ``state``.
             source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
+            frozen: names of ``state`` that do not train (default: for a module, its parameters with
+                ``requires_grad=False``). They go to shard files of their own, and a file that is byte
+                for byte one of a committed checkpoint is not written again: a hard link on a local
+                root (both folders stay self-contained), a server-side copy on object stores.
 
         Returns:
             The committed checkpoint's `CheckpointInfo`; with ``async_save`` the one that will be
@@ -275,7 +281,9 @@ class CheckpointManager:
             self._writer.settle_previous()
             return self._retention.promote(existing, info)
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng)
-        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit)
+        frozen_set = frozenset(frozen_names(module, model) if frozen is None else frozen)
+        job = SaveJob(info=info, model=model, training=training, files=extra_files, replace=not explicit,
+                      frozen=frozen_set)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)

@@ -161,6 +161,7 @@ class FileEntry:
     codec: str | None = None
     raw_size: int | None = None
     shared: bool = False
+    raw_sha256: str | None = None  # of the decoded bytes, for compressed files that may be stored once
 
     @property
     def logical_path(self) -> str:
@@ -175,6 +176,8 @@ class FileEntry:
         out: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
         if self.codec is not None:
             out.update(codec=self.codec, rawSize=self.raw_size)
+            if self.raw_sha256 is not None:
+                out["rawSha256"] = self.raw_sha256
         if self.shared:
             out["shared"] = True
         return out
@@ -595,8 +598,11 @@ class _Checker:
                     raise SidecarError(f"{at}: a compressed file's path must end in {CODEC_SUFFIX!r}, "
                                        f"got {_short(path)}")
                 check_relative_path(path[: -len(CODEC_SUFFIX)], at, error=SidecarError)
-            elif raw_size is not None:
-                raise SidecarError(f"{at}: 'rawSize' is given for a file without a 'codec'")
+            elif raw_size is not None or "rawSha256" in item:
+                raise SidecarError(f"{at}: 'rawSize' or 'rawSha256' is given for a file without a 'codec'")
+            raw_sha = item.get("rawSha256")
+            if raw_sha is not None and (not isinstance(raw_sha, str) or not _SHA256_RE.fullmatch(raw_sha)):
+                raise SidecarError(f"{at}: 'rawSha256' must be 64 lowercase hex digits, got {_short(raw_sha)}")
             if not isinstance(shared, bool):
                 raise SidecarError(f"{at}: 'shared' must be true or false, got {_short(shared)}")
             logical = path[: -len(CODEC_SUFFIX)] if codec is not None else path
@@ -605,7 +611,8 @@ class _Checker:
                     raise SidecarError(f"{at}: {key!r} is listed twice")
                 seen.add(key)
             entries.append(FileEntry(path=path, size=int(size), sha256=sha, codec=codec,
-                                     raw_size=None if codec is None else int(raw_size), shared=shared))
+                                     raw_size=None if codec is None else int(raw_size), shared=shared,
+                                     raw_sha256=raw_sha))
         for path in seen:  # "a" and "a/b" cannot both be files
             parent = path.rpartition("/")[0]
             while parent:
