@@ -622,11 +622,11 @@ class _Checker:
         return tuple(entries)
 
     def derived_sizes(self, files: tuple[FileEntry, ...]) -> dict[str, Any]:
-        """``logicalSize`` and ``sharedSize`` follow from the files; a sidecar that says otherwise is corrupt."""
-        for key, total in (("logicalSize", sum(f.logical_size for f in files)),
-                           ("sharedSize", sum(f.size for f in files if f.shared))):
-            if key in self.data and self.integer(key, maximum=_MAX_INT) != total:
-                raise SidecarError(f"{self.where}: {key!r} is {self.data[key]} but its files add up to {total} bytes")
+        """``logicalSize`` and ``sharedSize`` must be non-negative integers; their values are always
+        recomputed from the files (tools that edit ``files`` and ``size`` need not know them)."""
+        for key in ("logicalSize", "sharedSize"):
+            if key in self.data:
+                self.integer(key, maximum=_MAX_INT)
         return {}
 
     def total_size(self, files: tuple[FileEntry, ...]) -> int:
