@@ -165,12 +165,26 @@ def save_restore_rows(runs: int, s3_url: str | None, options: dict) -> list[list
                 m.restore("latest", model=fresh, optimizer=fresh_opt)
                 restore.append(time.perf_counter() - start)
                 m.close()
+                remove(root, options)
             d, r = statistics.median(durable), statistics.median(restore)
             base.setdefault(where, (d, r))
             rows.append([where, str(compression), f"{size / 1e6:.0f}", f"{d:.2f}", f"{r:.2f}",
                          f"{d / base[where][0]:.2f}x", f"{r / base[where][1]:.2f}x"])
             print(rows[-1], flush=True)
     return rows
+
+
+def remove(root: str, options: dict) -> None:
+    """Free what a run stored (the loopback S3 server has a bounded volume space)."""
+    import shutil
+
+    import fsspec
+
+    if root.startswith("s3"):
+        fs, path = fsspec.core.url_to_fs(root, **options)
+        fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def du(root: str) -> int:
@@ -223,9 +237,7 @@ def frozen_rows(s3_url: str | None, options: dict) -> list[list[str]]:
                              f"{used / full:.2f}x", f"{seconds:.1f}"])
                 print(rows[-1], flush=True)
                 m.close()
-                if not root.startswith("s3"):
-                    import shutil
-                    shutil.rmtree(root)
+                remove(root, options)
     return rows
 
 
@@ -249,7 +261,7 @@ def main() -> None:
         if not args.no_s3:
             from _s3server import SeaweedS3
 
-            server = stack.enter_context(SeaweedS3())
+            server = stack.enter_context(SeaweedS3(max_volumes=400))
             server.make_bucket("bench")
             s3_url = "s3://bench"
             options = {"endpoint_url": server.endpoint_url, "key": server.access_key, "secret": server.secret_key}
