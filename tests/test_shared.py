@@ -140,3 +140,22 @@ def test_object_stores_copy_the_frozen_shard_server_side(backend: str, tmp_path:
     assert [i.name for i in m.list()] == ["checkpoint-3"]  # retention removed the copies' sources: nothing shared
     assert m.verify("checkpoint-3")[0].ok
     assert torch.equal(m.load("latest")["base.1.weight"], net.base[1].weight)
+
+
+def test_a_source_replaced_since_the_catalog_read_it_is_not_linked(tmp_path: Path) -> None:
+    """Another run replaced checkpoint-1 with different frozen weights of the same shapes: never link those."""
+    root = str(tmp_path / "r")
+    net = FrozenBase()
+    m = CheckpointManager(root)
+    m.save(net, step=1)
+    stale = m.list().data  # what a writer's cached view holds
+    other = FrozenBase()
+    with torch.no_grad():
+        other.base[0].weight.mul_(2)
+    CheckpointManager(root).save(other, step=1)  # replaces checkpoint-1 (same name, same sizes)
+    # the same bytes as the stale view's checkpoint-1 frozen file, which is now gone from storage
+    m._writer.committed = lambda: stale
+    info = m.save(net, step=2)
+    assert not any(f.shared for f in info.files)
+    assert m.verify("checkpoint-2")[0].ok
+    assert torch.equal(m.load("checkpoint-2")["base.0.weight"], net.base[0].weight)

@@ -287,8 +287,8 @@ class Writer:
         sha = safetensors_sha256(tensors, metadata) if candidates else None
         rel = codec.stored_path(filename, wanted)
         for info, entry in candidates:
-            if (entry.raw_sha256 if wanted else entry.sha256) == sha and txn.reuse(rel, f"{info.name}/{entry.path}",
-                                                                                 entry.size):
+            if (entry.raw_sha256 if wanted else entry.sha256) == sha and txn.reuse(
+                    rel, f"{info.name}/{entry.path}", entry.size, owner=info):
                 return FileEntry(rel, entry.size, entry.sha256, codec=entry.codec, raw_size=entry.raw_size,
                                  raw_sha256=entry.raw_sha256, shared=self.commit.storage.is_local)
         return self._write_tensors(txn, filename, tensors, metadata, raw_hash=True)
