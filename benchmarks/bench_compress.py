@@ -275,7 +275,10 @@ def main() -> None:
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python benchmarks/bench_compress.py "
         f"--runs {args.runs}` on the machine above (2 cores, shared with other jobs: load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; speeds are medians of {args.runs} runs). "
-        "GPT-2 small from its config, random init: trained weights compress differently.",
+        "GPT-2 small from its config, random init: trained weights compress differently. Other test suites ran "
+        "on the same 2 cores during this run, so absolute times are several times those of the sections above "
+        "(compare within a table: every ratio is against a baseline measured in the same run); byte counts "
+        "and ratios do not depend on the load.",
         "",
         "### Codec: ratio and speed",
         "",
