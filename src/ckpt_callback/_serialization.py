@@ -190,11 +190,17 @@ def frozen_names(module: Any, state: Mapping[str, torch.Tensor]) -> set[str]:
     params = getattr(module, "named_parameters", None)
     if params is None:
         return set()
-    frozen = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False)
-              if not p.requires_grad and p.numel()}
-    trained = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False) if p.requires_grad and p.numel()}
-    return {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel()
-            and (v.device, v.data_ptr()) in frozen - trained}
+    try:
+        frozen = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False)
+                  if not p.requires_grad and p.numel()}
+        if not frozen:
+            return set()
+        trained = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False)
+                   if p.requires_grad and p.numel()}
+        return {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel()
+                and (v.device, v.data_ptr()) in frozen - trained}
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return set()  # tensors without one plain memory (DTensor shards, meta, subclasses): nothing shared
 
 
 def safetensors_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
