@@ -106,7 +106,7 @@ def test_list_json_is_the_spec_list_object(root: str, capsys: pytest.CaptureFixt
     assert {d["name"] for d in doc["data"]} == ALL_NAMES
     assert doc["first_id"] == doc["data"][0]["id"] and doc["last_id"] == doc["data"][-1]["id"]
     summary = doc["summary"]
-    assert list(summary) == ["bestCheckpoint", "latestCheckpoint", "totalSize"]
+    assert list(summary) == ["bestCheckpoint", "latestCheckpoint", "totalSize", "totalLogicalSize"]
     assert summary["bestCheckpoint"]["name"] == "checkpoint-40"
     assert summary["latestCheckpoint"]["name"] == "checkpoint-60"
     assert summary["totalSize"] == sum(d["size"] for d in doc["data"])  # exact bytes

@@ -17,7 +17,9 @@ background saves: after ``wait()`` returned it). Then, with warnings as errors:
 Modes: ``sync`` and ``async`` saves (with manual ones), ``replace`` (every save rewrites the same
 step, with a fresh manager or hook each time, as a rerun or a rollback does), ``prune`` (a writer
 keeps saving while the killed process prunes and deletes in a loop), ``metrics`` (``evaluate()``
-rewrites sidecars and moves the best tag).
+rewrites sidecars and moves the best tag), ``frozen`` (as ``sync``, with a frozen base whose shard
+file each save shares with the committed ones; the ``prune`` writer's model has it too, so the
+pruner deletes checkpoints whose data others share).
 
 Every other replace and prune trial aims its kill into an operation (a save, a prune, a delete)
 instead of a uniformly random moment. ``CKPT_KILL_TRIALS`` sets the trials per mode and backend
@@ -41,7 +43,7 @@ from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointNotFoundE
 from conftest import TrialProcess, TrialSpawner, make_root, sidecarless_folders
 
 TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "5"))
-MODES = ["sync", "async", "replace", "prune", "metrics"]
+MODES = ["sync", "async", "replace", "prune", "metrics", "frozen"]
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
 # How long a writer runs on after its first commit before the kill, at most (S3 saves are slower).
 RUN_SECONDS = {"local": 0.6, "s3": 1.2}
@@ -79,7 +81,8 @@ COMMON = textwrap.dedent(
     def train(net):
         with torch.no_grad():
             for p in net.parameters():
-                p.add_(0.01)
+                if p.requires_grad:
+                    p.add_(0.01)
     """
 )
 
@@ -88,7 +91,9 @@ LOOP = COMMON + textwrap.dedent(
     """
     mode, root = sys.argv[1], sys.argv[2]
     net = model()
-    opt = torch.optim.AdamW(net.parameters())
+    if mode in ("frozen", "prune"):  # a frozen base: its shard is hard-linked (local) from save to save
+        net[:4].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
     hook = CheckpointHook(root, net, optimizer=opt, every_n_steps=1, keep_last=2, async_save=mode == "async")
     say("ready")
     step = 0

@@ -145,7 +145,7 @@ def test_list_sorting_and_pagination_walk_every_checkpoint_once(root):
     assert page.summary.total_size == sum(i.size for i in m.list())
     body = page.to_json()
     assert body["object"] == "list" and body["totalCount"] == 8 and body["has_more"] is True
-    assert set(body["summary"]) == {"bestCheckpoint", "latestCheckpoint", "totalSize"}
+    assert set(body["summary"]) == {"bestCheckpoint", "latestCheckpoint", "totalSize", "totalLogicalSize"}
 
 
 @pytest.mark.parametrize(

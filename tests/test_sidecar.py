@@ -25,8 +25,8 @@ from ckpt_callback._sidecar import (
 
 SPEC_KEYS = [
     "schemaVersion", "id", "name", "type", "description", "step", "epoch", "trainLoss", "evalLoss", "metrics",
-    "model", "version", "inferenceReady", "node", "createdAt", "updatedAt", "files", "size", "monitor", "runId",
-    "createdBy", "source",
+    "model", "version", "inferenceReady", "node", "createdAt", "updatedAt", "files", "size", "logicalSize",
+    "sharedSize", "monitor", "runId", "createdBy", "source",
 ]
 SHA = "ab" * 32
 
@@ -154,6 +154,8 @@ ALLOWED = {
     "updatedAt": {"string"},
     "files": set(),
     "size": set(),
+    "logicalSize": set(),
+    "sharedSize": set(),
     "monitor": {"null"},
     "runId": {"null", "string"},
     "createdBy": {"null", "string"},

@@ -31,7 +31,7 @@ from ._storage import Storage
 from ._views import TENSORONE_METRICS, openai_list, tensorone_list, tensorone_metric, weights_file
 
 __all__ = ["REFRESH_SECONDS", "Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning",
-           "check_lookup_name"]
+           "check_lookup_name", "stored_total"]
 
 logger = logging.getLogger("ckpt_callback")
 
@@ -61,14 +61,39 @@ class CheckpointSummary:
 
     best: CheckpointInfo | None
     latest: CheckpointInfo | None
-    total_size: int
+    total_size: int  # bytes on storage: data shared between checkpoints counted once
+    total_logical_size: int | None = None  # bytes once decoded, every checkpoint counted in full
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bestCheckpoint": self.best.to_json() if self.best else None,
             "latestCheckpoint": self.latest.to_json() if self.latest else None,
             "totalSize": self.total_size,
+            "totalLogicalSize": self.total_size if self.total_logical_size is None else self.total_logical_size,
         }
+
+
+def stored_total(infos: Sequence[CheckpointInfo]) -> int:
+    """Bytes the checkpoints take on storage: a file shared by several (same sha256 and size) counts once.
+
+    Example:
+        >>> from ._sidecar import FileEntry
+        >>> a = FileEntry("m.safetensors", 10, "0" * 64)
+        >>> b = FileEntry("m.safetensors", 10, "0" * 64, shared=True)
+        >>> stored_total([CheckpointInfo(name="x", step=1, files=(a,)), CheckpointInfo(name="y", step=2, files=(b,))])
+        10
+    """
+    shared = {(f.sha256, f.size) for i in infos for f in i.files if f.shared}
+    total, seen = 0, set()
+    for info in infos:
+        for f in info.files:
+            key = (f.sha256, f.size)
+            if key in shared:
+                if key in seen:
+                    continue
+                seen.add(key)
+            total += f.size
+    return total
 
 
 @dataclass(frozen=True)

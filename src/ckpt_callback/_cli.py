@@ -294,14 +294,23 @@ def list_command(root: str, sort_by: str, order: str, limit: int | None, after: 
     if not page.data:
         click.echo(f"no {type_ + ' ' if type_ else ''}checkpoints in {root}" + (f" after {after}" if after else ""))
         return EXIT_OK
+    # Compressed or shared data: the stored size and the size once decoded differ, so both are shown.
+    both = any(i.logical_size != i.size or i.shared_size for i in page.data) or (
+        summary_logical(page) != page.summary.total_size)
     rows = [[i.name, i.type + (f" ({i.adapter.type})" if i.adapter else ""), str(i.step), _number(i.train_loss),
-             _number(i.eval_loss), human_size(i.size), i.created_at[:19].replace("T", " ")] for i in page.data]
-    headers = ["name", "type", "step", "trainLoss", "evalLoss", "size", "created (UTC)"]
-    click.echo(_table(headers, rows, right={2, 3, 4, 5}))
+             _number(i.eval_loss), human_size(i.size), *([human_size(i.logical_size)] if both else []),
+             i.created_at[:19].replace("T", " ")]
+            for i in page.data]
+    headers = ["name", "type", "step", "trainLoss", "evalLoss", "size", *(["logical"] if both else []),
+               "created (UTC)"]
+    click.echo(_table(headers, rows, right={2, 3, 4, 5, 6} if both else {2, 3, 4, 5}))
     summary = page.summary
-    footer = f"{_count(page.total_count)}, {human_size(summary.total_size)}"
+    total = human_size(summary.total_size)
+    if both:
+        total = f"{total} stored ({human_size(summary_logical(page))} logical)"
+    footer = f"{_count(page.total_count)}, {total}"
     if type_:
-        footer = f"{_count(page.total_count, type_ + ' checkpoint')}; {human_size(summary.total_size)} in all"
+        footer = f"{_count(page.total_count, type_ + ' checkpoint')}; {total} in all"
     if summary.best is not None:
         footer += f"; best {summary.best.name}"
     if summary.latest is not None:
@@ -371,6 +380,12 @@ def verify_command(root: str, name: str | None, as_json: bool) -> int:
     return EXIT_OK
 
 
+def summary_logical(page: Any) -> int:
+    """The page summary's logical total (decoded bytes, every checkpoint in full)."""
+    logical = page.summary.total_logical_size
+    return page.summary.total_size if logical is None else int(logical)
+
+
 @cli.command("download", epilog=_examples(
     "ckpt download runs/gpt2-ft best ./best-model",
     "ckpt download s3://bucket/run latest ./weights --include '*.safetensors' --exclude 'optimizer*'",
@@ -383,12 +398,14 @@ def verify_command(root: str, name: str | None, as_json: bool) -> int:
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip files matching GLOB (repeatable), e.g. 'optimizer*'.")
 @click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
+@click.option("--decompress", is_flag=True,
+              help="Decode compressed files (compression='zstd') into plain ones that from_pretrained loads.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar [default: on a terminal, above 4 MB].")
 @click.option("--json", "as_json", is_flag=True, help="Print what was copied as JSON.")
 @_root_options
 def download_command(root: str, name: str, dest: str, include: tuple[str, ...], exclude: tuple[str, ...],
-                     force: bool, progress: bool | None, as_json: bool) -> int:
+                     force: bool, decompress: bool, progress: bool | None, as_json: bool) -> int:
     """Copy checkpoint NAME to the local folder DEST.
 
     Every file's sha256 is checked; DEST becomes the checkpoint folder itself (for HF models,
@@ -401,7 +418,8 @@ def download_command(root: str, name: str, dest: str, include: tuple[str, ...], 
         raise click.UsageError(f"{dest} is not empty: pass --force to write into it, or choose an empty folder")
     manager = _manager(root)
     info = manager.get(name)
-    folder = manager.download(info.name, dest, progress=progress, include=include or None, exclude=exclude or None)
+    folder = manager.download(info.name, dest, progress=progress, include=include or None, exclude=exclude or None,
+                              decompress=decompress)
     copied = CheckpointInfo.loads((folder / "checkpoint.json").read_bytes())
     if as_json:
         _echo_json({"name": info.name, "id": info.id, "dest": str(folder),

@@ -194,6 +194,45 @@ class Transaction:
         """Write one file of the checkpoint; see `Storage.write_stream`."""
         return self.storage.write_stream(f"{self.folder}/{rel}", produce)
 
+    def reuse(self, rel: str, source: str, size: int, owner: CheckpointInfo | None = None) -> bool:
+        """Make file ``rel`` the same data as committed file ``source`` (a path under the root), of ``size`` bytes.
+
+        ``owner``: the checkpoint ``source`` belongs to; after the link or copy its sidecar must still
+        be that checkpoint's (same id), else a replacement of it may have been linked: refused.
+
+        Local: a hard link, so both folders stay self-contained and deleting either frees nothing
+        the other holds (the file system counts the links). Object stores: a server-side copy
+        (no upload). False when that cannot be done (the source is gone, another file system, a
+        size that is not what its sidecar says): the caller writes the file instead.
+        """
+        s = self.storage
+        try:
+            if s.is_local:
+                # Deliberate local fast path: fsspec has no hard links.
+                target = s.path(self.folder, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.link(s.path(source), target)
+                if os.stat(target).st_size == size and self._still(owner):
+                    return True
+                os.unlink(target)
+                return False
+            s.copy(source, f"{self.folder}/{rel}")
+            if s.list_files(self.folder).get(rel, {}).get("size") == size and self._still(owner):
+                return True
+            s.remove(f"{self.folder}/{rel}")
+        except (OSError, CheckpointNotFoundError, StorageError) as exc:
+            logger.info("cannot reuse %s for %s (%s); writing it", s.display(source), s.display(self.folder, rel), exc)
+        return False
+
+    def _still(self, owner: CheckpointInfo | None) -> bool:
+        """Whether ``owner`` is still the committed checkpoint of its name (not replaced or deleted)."""
+        if owner is None:
+            return True
+        try:
+            return CheckpointInfo.loads(self.storage.read_bytes(f"{owner.name}/{SIDECAR}")).id == owner.id
+        except (CheckpointNotFoundError, SidecarError):
+            return False
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.storage.write_bytes_atomic(f"{self.folder}/{rel}", data)
 

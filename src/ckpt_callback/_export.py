@@ -72,7 +72,7 @@ def export_checkpoint(
         raise InvalidArgumentError(f"{dest} is not empty: pass force=True (--force) or choose an empty folder")
     manager = CheckpointManager(root, storage_options=storage_options, writer=False)
     info = manager.get(name)
-    paths = {f.path for f in info.files}
+    paths = {f.logical_path for f in info.files}
     if info.adapter is not None:
         return _export_adapter(manager, info, target, dtype)
     if "config.json" not in paths:
@@ -83,7 +83,7 @@ def export_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
         extra = [p for p in paths if p not in _LEFT_OUT and not is_model_weights(p) and not is_training_part(p)]
-        copied = manager.download(info.name, staging / "files", include=extra, progress=False)
+        copied = manager.download(info.name, staging / "files", include=extra, progress=False, decompress=True)
         (copied / SIDECAR).unlink()
         _write_weights(_dedupe(_cast(manager.load(info.name), dtype)), copied, max_shard_size)
         if dtype is not None:

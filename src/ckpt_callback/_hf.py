@@ -112,14 +112,16 @@ class CheckpointCallback(TrainerCallback):
             self._hint_empty()
             return None
         local = self.manager.local_path(info.name)
-        if local is not None:
+        if local is not None and not info.compressed:
             problems = self.manager.verify(info.name)[0].problems
             if problems:
                 raise CorruptCheckpointError(f"cannot resume from {info.name!r} in {self.manager.root}: "
                                              f"{'; '.join(problems)}; resume from another checkpoint")
             folder, reader = local, self.manager
         else:
-            folder = str(self.manager.download(info.name, Path(tempfile.mkdtemp(prefix="ckpt-resume-")) / info.name))
+            # The Trainer reads the weights itself: compressed ones are decoded into the copy.
+            folder = str(self.manager.download(info.name, Path(tempfile.mkdtemp(prefix="ckpt-resume-")) / info.name,
+                                               decompress=True))
             reader = CheckpointManager(str(Path(folder).parent), writer=False)
         self._resume = (info.name, folder, reader)
         return folder

@@ -13,14 +13,15 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning
+from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning, stored_total
+from ._codec import check_compression
 from ._commit import CommitProtocol
 from ._distributed import agree, checkpoint_group, from_rank0, is_writer
 from ._errors import (
@@ -37,6 +38,7 @@ from ._pretrained import plan_save
 from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
+from ._serialization import frozen_names
 from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
@@ -102,6 +104,12 @@ class CheckpointManager:
             hold the merged full model under ``merged/`` (an HF folder ``AutoModel*.from_pretrained``
             loads): ``"never"`` (default), ``"final"`` or ``"always"``. The merge runs on a copy
             (peft's ``merge_and_unload``), so it costs one more model's memory for a moment.
+        compression: ``None`` (default) or ``"zstd"``: safetensors files are stored losslessly
+            compressed (bytes grouped by position, then zstd, on ``save_threads`` threads) as
+            ``<file>.ckptz``; `load`, `restore` and `download` decode them. Such a folder is not
+            ``inferenceReady`` as it is: ``ckpt export`` or ``download(..., decompress=True)`` makes
+            a plain one. Needs the ``zstandard`` package (``pip install 'ckpt-callback[zstd]'``).
+        compression_level: zstd's level, -7 to 22 (default 1: measured best for grouped streams).
 
     Example:
         >>> import torch
@@ -129,12 +137,15 @@ class CheckpointManager:
         consolidate: str = "final",
         on_commit: Callable[[CheckpointInfo], Any] | Sequence[Callable[[CheckpointInfo], Any]] = (),
         save_merged: str = "never",
+        compression: str | None = None,
+        compression_level: int | None = None,
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
         if consolidate not in ("final", "always", "never"):
             raise InvalidArgumentError(f"consolidate must be 'final', 'always' or 'never', got {consolidate!r}")
         self.consolidate = consolidate
+        self.compression, level = check_compression(compression, compression_level)
         if save_merged not in ("never", "final", "always"):
             raise InvalidArgumentError(f"save_merged must be 'never', 'final' or 'always', got {save_merged!r}")
         self.save_merged = save_merged
@@ -154,7 +165,8 @@ class CheckpointManager:
             if callable(bind):
                 bind(self._root)
         self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
-                              on_commit=self._committed)
+                              on_commit=self._committed, compression=self.compression,
+                              compression_level=level, committed=self._catalog.recent)
         self._check_writable = storage.check_writable
         self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
@@ -230,6 +242,7 @@ class CheckpointManager:
         version: str | None = None,
         inference_ready: bool | None = None,
         source: Source | None = None,
+        frozen: Collection[str] | None = None,
     ) -> CheckpointInfo | None:
         """Save a checkpoint and apply retention once it is committed.
 
@@ -251,6 +264,10 @@ class CheckpointManager:
             inference_ready: False marks the checkpoint not inference-ready even when it is proven
                 to be; ``inferenceReady`` is never true unless proven (see `_pretrained.prove`).
             source: provenance of an imported checkpoint (the sidecar's ``source``; see `import_checkpoints`).
+            frozen: names of ``state`` that do not train (default: for a module, its parameters with
+                ``requires_grad=False``). They go to shard files of their own, and a file that is byte
+                for byte one of a committed checkpoint is not written again: a hard link on a local
+                root (both folders stay self-contained), a server-side copy on object stores.
 
         Returns:
             The committed checkpoint's `CheckpointInfo`; with ``async_save`` the one that will be
@@ -315,8 +332,9 @@ class CheckpointManager:
             return promoted
         training = TrainingState.capture(optimizer=optimizer, scheduler=scheduler, extra=extra_state, rng=rng,
                                          stateful=stateful)
+        frozen_set = frozenset(frozen_names(module, plan.model) if frozen is None else frozen)
         job = SaveJob(info=info, model=plan.model, training=training, files=plan.files, replace=not explicit,
-                      prefix=plan.prefix, more_weights=plan.more_weights)
+                      prefix=plan.prefix, more_weights=plan.more_weights, frozen=frozen_set)
         if not self.async_save:
             return self._writer.run(job)
         self._writer.submit(job)
@@ -496,7 +514,8 @@ class CheckpointManager:
         self._catalog.require_root()
         infos = self._view()
         summary = CheckpointSummary(best=self._retention.best(infos), latest=newest(infos),
-                                    total_size=sum(i.size for i in infos))
+                                    total_size=stored_total(infos),
+                                    total_logical_size=sum(i.logical_size for i in infos))
         return self._catalog.page(infos, sort_by=sort_by, order=order, limit=limit, after=after, type=type,
                                   summary=summary)
 
@@ -640,7 +659,8 @@ class CheckpointManager:
             self.run_id = info.run_id
 
     def download(self, name: str, dest: str | os.PathLike[str], *, progress: bool | None = None,
-                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Path:
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                 decompress: bool = False) -> Path:
         """Copy checkpoint ``name`` into the local folder ``dest`` (created), checking every sha256.
 
         ``dest`` becomes the checkpoint folder itself (so ``from_pretrained(dest)`` works for HF
@@ -648,6 +668,9 @@ class CheckpointManager:
         ``progress``: show a progress bar (default: on a terminal, for more than a few MB).
         ``include``/``exclude``: glob patterns (``*.safetensors``, ``optimizer*``) matched against each
         file's path: only files matching an include (default: all) and no exclude are copied.
+        ``decompress``: compressed files (``compression="zstd"``) land decoded under their plain
+        names (``model.safetensors``), so the folder loads with ``from_pretrained``; without it they
+        are copied as stored. Either way the folder is self-contained (nothing shared) and verifies.
 
         Raises:
             CorruptCheckpointError: a stored file does not match its sha256 (nothing is left half-copied).
@@ -655,14 +678,16 @@ class CheckpointManager:
         info = self.get(name)
         only = None
         if include or exclude:
+            def matches(f: Any, patterns: Sequence[str]) -> bool:
+                return any(fnmatch.fnmatchcase(f.path, p) or fnmatch.fnmatchcase(f.logical_path, p) for p in patterns)
+
             only = {f.path for f in info.files
-                    if (not include or any(fnmatch.fnmatchcase(f.path, p) for p in include))
-                    and not any(fnmatch.fnmatchcase(f.path, p) for p in exclude or ())}
+                    if (not include or matches(f, include)) and not matches(f, exclude or ())}
             if not only:
                 raise InvalidArgumentError(
                     f"no file of checkpoint {info.name!r} matches include={list(include or [])} "
                     f"exclude={list(exclude or [])}; its files are {', '.join(f.path for f in info.files)}")
-        return self._reader.download(info, dest, progress=progress, only=only)
+        return self._reader.download(info, dest, progress=progress, only=only, decompress=decompress)
 
     def signed_urls(self, name: str, *, expires: int = 3600) -> dict[str, str]:
         """Pre-signed download URLs (relative path → URL) for every file of checkpoint ``name``.

@@ -23,6 +23,7 @@ import torch
 
 from . import _distributed as distributed
 from . import _sharded as sharded
+from ._codec import DecodingReader
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError, StorageError
 from ._layout import (
     MODEL_INDEX,
@@ -96,7 +97,8 @@ class Reader:
 
     @staticmethod
     def entry(info: CheckpointInfo, rel: str) -> FileEntry | None:
-        return next((f for f in info.files if f.path == rel), None)
+        """The sidecar entry of file ``rel``: its stored path, or its logical one (a compressed file)."""
+        return next((f for f in info.files if f.path == rel or f.logical_path == rel), None)
 
     @contextlib.contextmanager
     def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[_HashingReader]:
@@ -121,15 +123,31 @@ class Reader:
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
 
-    def read_bytes(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> bytes:
+    @contextlib.contextmanager
+    def open_decoded(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[Any]:
+        """`open_verified`, decoding a compressed file: a stream of its logical bytes, whose
+        frames and declared sizes are checked as they are read (`CorruptCheckpointError`)."""
+        entry = self.entry(info, rel)
         with self.open_verified(info, rel, verify=verify) as stream:
-            return stream.read()
+            if entry is None or entry.codec is None:
+                yield stream
+                return
+            decoded = DecodingReader(stream, entry.logical_size, self._where(info, entry.path))
+            yield decoded
+            if verify:
+                decoded.finish()
+
+    def read_bytes(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> bytes:
+        with self.open_decoded(info, rel, verify=verify) as stream:
+            return bytes(stream.read())
 
     def read_tensors(self, info: CheckpointInfo, rel: str, *, verify: bool = True,
                      into: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         where = self._where(info, rel)
-        with self.open_verified(info, rel, verify=verify) as stream:
-            return read_safetensors(stream, where=where, into=into, size=stream.limit)
+        entry = self.entry(info, rel)
+        with self.open_decoded(info, rel, verify=verify) as stream:
+            size = entry.logical_size if entry is not None else None
+            return read_safetensors(stream, where=where, into=into, size=size)
 
     # --- model weights --------------------------------------------------------------------------
 
@@ -150,7 +168,7 @@ class Reader:
                 raise CorruptCheckpointError(
                     f"{self._where(info, MODEL_INDEX)} names {missing[0]!r}, which the sidecar does not list")
         else:
-            filenames, aliases = [f.path for f in info.files if is_model_weights(f.path)], {}
+            filenames, aliases = [f.logical_path for f in info.files if is_model_weights(f.logical_path)], {}
             if not filenames and self.entry(info, ADAPTER_WEIGHTS) is not None:  # a peft adapter checkpoint
                 filenames = [ADAPTER_WEIGHTS]
         if not filenames:
@@ -341,13 +359,15 @@ class Reader:
         return problems
 
     def download(self, info: CheckpointInfo, dest: str | os.PathLike[str], *, progress: bool | None = None,
-                 only: Collection[str] | None = None) -> Path:
+                 only: Collection[str] | None = None, decompress: bool = False) -> Path:
         """Copy checkpoint ``info`` into local folder ``dest``, each file sha256-checked before it lands.
 
-        ``only``: copy just these files; the sidecar in ``dest`` then lists just them (so it verifies).
+        ``only``: copy just these files (stored or logical paths); the sidecar in ``dest`` then lists
+        just them (so it verifies). ``decompress``: compressed files land decoded under their plain
+        names, and the sidecar lists them so. The copy is self-contained: nothing in it is shared.
         """
         if only is not None:
-            kept = tuple(f for f in info.files if f.path in only)
+            kept = tuple(f for f in info.files if f.path in only or f.logical_path in only)
             info = info.replace(files=kept, size=sum(f.size for f in kept), updated_at=info.updated_at)
         target = Path(dest)
         target.mkdir(parents=True, exist_ok=True)
@@ -355,30 +375,46 @@ class Reader:
         show = progress if progress is not None else (sys.stderr.isatty() and info.size > 4 << 20)
         from tqdm.auto import tqdm
 
+        entries = []
         with tqdm(total=info.size, unit="B", unit_scale=True, disable=not show, desc=info.name) as bar:
             for entry in info.files:
-                self._copy_file(info, entry, target, base=base, progress=bar.update)
-        (target / SIDECAR).write_text(info.dumps())
+                entries.append(self._copy_file(info, entry, target, base=base, progress=bar.update,
+                                               decode=decompress))
+        copied = info.replace(files=tuple(entries), size=sum(e.size for e in entries), updated_at=info.updated_at)
+        (target / SIDECAR).write_text(copied.dumps())
         return target
 
     def _copy_file(self, info: CheckpointInfo, entry: FileEntry, target: Path, *, base: Path | None = None,
-                   verify: bool = True, progress: Any = None) -> None:
-        """Copy one file of ``info`` under local folder ``target``; it lands only once its sha256 matched."""
-        out = target / entry.path
+                   verify: bool = True, progress: Any = None, decode: bool = False) -> FileEntry:
+        """Copy one file of ``info`` under local folder ``target``; it lands only once its sha256 matched.
+
+        ``decode``: a compressed file lands decoded, under its logical name. Returns its entry there.
+        """
+        decode = decode and entry.codec is not None
+        rel = entry.logical_path if decode else entry.path
+        out = target / rel
         if not out.resolve().is_relative_to(base or target.resolve()):  # sidecar paths are checked; links too
-            raise CorruptCheckpointError(f"{entry.path!r} would be written outside {target}")
+            raise CorruptCheckpointError(f"{rel!r} would be written outside {target}")
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
+        digest, size = hashlib.sha256(), 0
         try:
-            with self.open_verified(info, entry.path, verify=verify) as stream, open(partial, "wb") as f:
+            opener = self.open_decoded if decode else self.open_verified
+            with opener(info, entry.path, verify=verify) as stream, open(partial, "wb") as f:
                 buffer = memoryview(bytearray(_BLOCK))
                 while n := stream.readinto(buffer):
                     f.write(buffer[:n])
+                    if decode:
+                        digest.update(buffer[:n])
+                        size += n
                     if progress is not None:
                         progress(n)
             os.replace(partial, out)
         finally:
             partial.unlink(missing_ok=True)
+        if decode:
+            return FileEntry(rel, size, digest.hexdigest())
+        return FileEntry(entry.path, entry.size, entry.sha256, codec=entry.codec, raw_size=entry.raw_size)
 
     def signed_urls(self, info: CheckpointInfo, *, expires: int) -> dict[str, str]:
         if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:

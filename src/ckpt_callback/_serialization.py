@@ -34,10 +34,13 @@ __all__ = [
     "add_aliases",
     "aliases_from_metadata",
     "flatten_state",
+    "frozen_names",
     "parse_header",
     "parse_index",
     "plan_model_files",
     "read_safetensors",
+    "safetensors_sha256",
+    "safetensors_size",
     "unflatten_state",
     "write_safetensors",
 ]
@@ -82,6 +85,7 @@ class ModelPlan:
     files: dict[str, dict[str, torch.Tensor]]
     aliases: dict[str, str] = field(default_factory=dict)  # dropped name -> kept name
     index: dict[str, Any] | None = None  # model.safetensors.index.json when sharded
+    frozen_files: frozenset[str] = frozenset()  # files holding only frozen tensors: they repeat from save to save
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -133,28 +137,84 @@ def dedupe_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 
 def plan_model_files(
-    state: Mapping[str, torch.Tensor], *, max_shard_size: int | str = "5GB", prefix: str = "model"
+    state: Mapping[str, torch.Tensor], *, max_shard_size: int | str = "5GB", prefix: str = "model",
+    frozen: Iterable[str] = (),
 ) -> ModelPlan:
     """Decide the files of a model state dict, in HuggingFace's layout.
 
     One ``model.safetensors`` when it fits in ``max_shard_size``, else
     ``model-00001-of-0000N.safetensors`` files plus ``model.safetensors.index.json``.
+
+    ``frozen``: names of tensors that do not change between saves (parameters with
+    ``requires_grad=False``). When some but not all tensors are frozen, the frozen ones get shard
+    files of their own (numbered first), so each such file repeats byte for byte from save to save
+    and can be stored once; the index maps every name to its file, so ``from_pretrained`` loads it.
+
+    Example:
+        >>> import torch
+        >>> plan = plan_model_files({"base": torch.zeros(4), "head": torch.ones(2)}, frozen={"base"})
+        >>> sorted(plan.files), sorted(plan.frozen_files)
+        (['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'], ['model-00001-of-00002.safetensors'])
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
     tensors, aliases = dedupe_tensors(state)
-    split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern=prefix + "{suffix}.safetensors", max_shard_size=max_shard_size
-    )
-    files = {
-        filename: {name: tensors[name] for name in names}
-        for filename, names in split.filename_to_tensors.items()
-    }
+    frozen = set(frozen)
+    groups = [{k: v for k, v in tensors.items() if k in frozen}, {k: v for k, v in tensors.items() if k not in frozen}]
+    if not groups[0] or not groups[1]:
+        groups = [tensors]
+    splits = [split_torch_state_dict_into_shards(group, filename_pattern=prefix + "{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size) for group in groups]
+    parts = [(i, names) for i, split in enumerate(splits) for names in split.filename_to_tensors.values()]
+    if len(splits) == 1:
+        names_of = list(splits[0].filename_to_tensors)
+    else:
+        names_of = [f"{prefix}-{k + 1:05d}-of-{len(parts):05d}.safetensors" for k in range(len(parts))]
+    files = {filename: {name: tensors[name] for name in names} for filename, (_, names) in zip(names_of, parts,
+                                                                                                strict=True)}
+    frozen_files = frozenset(f for f, (i, _) in zip(names_of, parts, strict=True) if i == 0 and len(splits) > 1)
     index = None
-    if split.is_sharded:
-        weight_map = dict(split.tensor_to_filename)
-        index = {"metadata": {**split.metadata, ALIASES_KEY: aliases}, "weight_map": weight_map}
-    return ModelPlan(files=files, aliases=aliases, index=index)
+    if len(files) > 1 or splits[0].is_sharded:
+        weight_map = {name: filename for filename, names in files.items() for name in names}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total, ALIASES_KEY: aliases}, "weight_map": weight_map}
+    return ModelPlan(files=files, aliases=aliases, index=index, frozen_files=frozen_files)
+
+
+def frozen_names(module: Any, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """The names of ``state`` whose tensor is a parameter of ``module`` with ``requires_grad=False``.
+
+    Matched by memory, not by name, so it works for state dicts whose names were changed
+    (HF's ``save_pretrained`` renames, wrappers' prefixes).
+    """
+    params = getattr(module, "named_parameters", None)
+    if params is None:
+        return set()
+    try:
+        frozen = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False)
+                  if not p.requires_grad and p.numel()}
+        if not frozen:
+            return set()
+        trained = {(p.device, p.data_ptr()) for _, p in params(remove_duplicate=False)
+                   if p.requires_grad and p.numel()}
+        return {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel()
+                and (v.device, v.data_ptr()) in frozen - trained}
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return set()  # tensors without one plain memory (DTensor shards, meta, subclasses): nothing shared
+
+
+def safetensors_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """The size of the safetensors file `write_safetensors` makes of ``tensors``, without making it."""
+    head, _ = _header(tensors, metadata)
+    return len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def safetensors_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """The sha256 of that file: one hashing pass over the bytes, nothing written."""
+    digest = hashlib.sha256()
+    for chunk in safetensors_chunks(tensors, metadata):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -189,12 +249,21 @@ def safetensors_chunks(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Iterator[memoryview | bytes]:
     """The bytes of a safetensors file, as a stream of chunks (header, then each tensor)."""
+    for chunk, _ in safetensors_pieces(tensors, metadata):
+        yield chunk
+
+
+def safetensors_pieces(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Iterator[tuple[memoryview | bytes, int]]:
+    """`safetensors_chunks` with each chunk's element width (1 for the header), for byte-grouped compression."""
     head, order = _header(tensors, metadata)
-    yield head
+    yield head, 1
     for name in order:
         data = _tensor_bytes(tensors[name])
+        width = tensors[name].element_size()
         for start in range(0, len(data), _CHUNK):
-            yield data[start : start + _CHUNK]
+            yield data[start : start + _CHUNK], width
 
 
 def write_safetensors(

@@ -35,6 +35,8 @@ __all__ = [
     "RESERVED_NAMES",
     "SCHEMA_VERSION",
     "SIDECAR_NAME",
+    "CODECS",
+    "CODEC_SUFFIX",
     "CheckpointInfo",
     "FileEntry",
     "Monitor",
@@ -140,16 +142,46 @@ def check_relative_path(
     return path
 
 
+CODECS = ("zstd-bytegroup",)
+CODEC_SUFFIX = ".ckptz"  # a compressed file's stored name: its logical path plus this
+
+
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint: its path relative to the checkpoint folder, size and sha256."""
+    """One file of a checkpoint: its path relative to the checkpoint folder, size and sha256.
+
+    ``path``, ``size`` and ``sha256`` describe the bytes as stored. A compressed file
+    (``codec`` set) is stored as ``<logical path>.ckptz`` and decodes to ``raw_size`` bytes;
+    ``shared``: the stored file is the same data as a file of another checkpoint (a hard link),
+    stored once.
+    """
 
     path: str
     size: int
     sha256: str
+    codec: str | None = None
+    raw_size: int | None = None
+    shared: bool = False
+    raw_sha256: str | None = None  # of the decoded bytes, for compressed files that may be stored once
+
+    @property
+    def logical_path(self) -> str:
+        """The file's name once decoded (what ``from_pretrained`` and our reader look for)."""
+        return self.path[: -len(CODEC_SUFFIX)] if self.codec is not None else self.path
+
+    @property
+    def logical_size(self) -> int:
+        return self.raw_size if self.raw_size is not None else self.size
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        out: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.codec is not None:
+            out.update(codec=self.codec, rawSize=self.raw_size)
+            if self.raw_sha256 is not None:
+                out["rawSha256"] = self.raw_sha256
+        if self.shared:
+            out["shared"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -309,6 +341,20 @@ class CheckpointInfo:
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
 
+    @property
+    def logical_size(self) -> int:
+        """Bytes of its files once decoded (``size`` is the bytes as stored)."""
+        return sum(f.logical_size for f in self.files)
+
+    @property
+    def shared_size(self) -> int:
+        """Bytes of its stored files that are the same data as another checkpoint's, stored once."""
+        return sum(f.size for f in self.files if f.shared)
+
+    @property
+    def compressed(self) -> bool:
+        return any(f.codec is not None for f in self.files)
+
     def metric(self, key: str) -> float | None:
         """The value of a monitored quantity: ``evalLoss``, ``trainLoss``, ``epoch`` or a metric name."""
         aliases = {"evalLoss": "eval_loss", "eval_loss": "eval_loss", "trainLoss": "train_loss",
@@ -349,6 +395,9 @@ class CheckpointInfo:
                     continue
                 value = value.to_json()
             out[key] = value
+            if attr == "size":
+                out["logicalSize"] = self.logical_size
+                out["sharedSize"] = self.shared_size
         return out
 
     def dumps(self) -> str:
@@ -407,6 +456,7 @@ class CheckpointInfo:
             updated_at=check.text("updatedAt", default=created_at),
             files=files,
             size=check.total_size(files),
+            **check.derived_sizes(files),
             monitor=check.monitor(),
             run_id=check.text("runId", nullable=True),
             sharding=check.sharding(),
@@ -573,10 +623,33 @@ class _Checker:
             sha = item["sha256"]
             if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
                 raise SidecarError(f"{at}: 'sha256' must be 64 lowercase hex digits, got {_short(sha)}")
-            if path in seen:
-                raise SidecarError(f"{at}: {path!r} is listed twice")
-            seen.add(path)
-            entries.append(FileEntry(path=path, size=int(size), sha256=sha))
+            codec, raw_size, shared = item.get("codec"), item.get("rawSize"), item.get("shared", False)
+            if codec is not None:
+                if codec not in CODECS:
+                    raise SidecarError(f"{at}: 'codec' {_short(codec)} is not one this version of ckpt-callback "
+                                       f"decodes ({', '.join(CODECS)}); upgrade ckpt-callback")
+                if not _is_int(raw_size) or not 0 <= raw_size < _MAX_FILE_SIZE:
+                    raise SidecarError(f"{at}: 'rawSize' must be an integer from 0 to 2**53 for a compressed "
+                                       f"file, got {_short(raw_size)}")
+                if not path.endswith(CODEC_SUFFIX) or path == CODEC_SUFFIX or path.endswith("/" + CODEC_SUFFIX):
+                    raise SidecarError(f"{at}: a compressed file's path must end in {CODEC_SUFFIX!r}, "
+                                       f"got {_short(path)}")
+                check_relative_path(path[: -len(CODEC_SUFFIX)], at, error=SidecarError)
+            elif raw_size is not None or "rawSha256" in item:
+                raise SidecarError(f"{at}: 'rawSize' or 'rawSha256' is given for a file without a 'codec'")
+            raw_sha = item.get("rawSha256")
+            if raw_sha is not None and (not isinstance(raw_sha, str) or not _SHA256_RE.fullmatch(raw_sha)):
+                raise SidecarError(f"{at}: 'rawSha256' must be 64 lowercase hex digits, got {_short(raw_sha)}")
+            if not isinstance(shared, bool):
+                raise SidecarError(f"{at}: 'shared' must be true or false, got {_short(shared)}")
+            logical = path[: -len(CODEC_SUFFIX)] if codec is not None else path
+            for key in {path, logical}:
+                if key in seen:
+                    raise SidecarError(f"{at}: {key!r} is listed twice")
+                seen.add(key)
+            entries.append(FileEntry(path=path, size=int(size), sha256=sha, codec=codec,
+                                     raw_size=None if codec is None or raw_size is None else int(raw_size), shared=shared,
+                                     raw_sha256=raw_sha))
         for path in seen:  # "a" and "a/b" cannot both be files
             parent = path.rpartition("/")[0]
             while parent:
@@ -584,6 +657,14 @@ class _Checker:
                     raise SidecarError(f"{self.where}: {parent!r} is listed as a file and as a folder of {path!r}")
                 parent = parent.rpartition("/")[0]
         return tuple(entries)
+
+    def derived_sizes(self, files: tuple[FileEntry, ...]) -> dict[str, Any]:
+        """``logicalSize`` and ``sharedSize`` must be non-negative integers; their values are always
+        recomputed from the files (tools that edit ``files`` and ``size`` need not know them)."""
+        for key in ("logicalSize", "sharedSize"):
+            if key in self.data:
+                self.integer(key, maximum=_MAX_INT)
+        return {}
 
     def total_size(self, files: tuple[FileEntry, ...]) -> int:
         total = sum(entry.size for entry in files)

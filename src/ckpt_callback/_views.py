@@ -283,9 +283,11 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
             "status": "available",  # a sidecar exists only for a complete, committed checkpoint
             "storageProviderID": storage_provider_id(root),
             "size": human_size(info.size),
-            "sizeBytes": info.size,
-            "files": [{"path": f.path, "size": human_size(f.size), "sizeBytes": f.size, "sha256": f.sha256}
-                      for f in info.files],
+            "sizeBytes": info.size,  # as stored (compressed files by their compressed size)
+            "logicalSize": human_size(info.logical_size),
+            "logicalSizeBytes": info.logical_size,  # once decoded
+            "sharedSizeBytes": info.shared_size,  # stored once with other checkpoints (hard links)
+            "files": [_file_view(f) for f in info.files],
             "metadata": {
                 "name": info.name,
                 "node": info.node,
@@ -300,3 +302,12 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
             "updatedAt": info.updated_at,
         },
     }
+
+
+def _file_view(f: Any) -> dict[str, Any]:
+    out = {"path": f.path, "size": human_size(f.size), "sizeBytes": f.size, "sha256": f.sha256}
+    if f.codec is not None:
+        out.update(codec=f.codec, logicalPath=f.logical_path, rawSizeBytes=f.raw_size)
+    if f.shared:
+        out["shared"] = True
+    return out

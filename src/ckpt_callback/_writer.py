@@ -12,22 +12,32 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook must be registered before ours
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import _codec as codec
 from . import _distributed as distributed
 from ._commit import CommitProtocol, Transaction
 from ._errors import CheckpointError, SaveError
-from ._layout import MODEL_INDEX, MODEL_PREFIX, OPTIMIZER_FILE, TRAINING_STATE_FILE
-from ._serialization import ALIASES_KEY, plan_model_files, write_chunks, write_safetensors
+from ._layout import MODEL_INDEX, MODEL_PREFIX, OPTIMIZER_FILE, TRAINING_STATE_FILE, is_model_weights
+from ._serialization import (
+    ALIASES_KEY,
+    plan_model_files,
+    safetensors_pieces,
+    safetensors_sha256,
+    safetensors_size,
+    write_chunks,
+    write_safetensors,
+)
 from ._sharded import ALIASES_FILE, MODEL_DIR, ShardedState, describe, read_model_shards, remove_files, write_shards
 from ._sidecar import CheckpointInfo, FileEntry
 from ._snapshot import StagingArea
@@ -46,6 +56,7 @@ class SaveJob:
     model: dict[str, torch.Tensor]
     training: TrainingState | None = None
     files: dict[str, bytes] = field(default_factory=dict)
+    frozen: frozenset[str] = frozenset()  # model tensors that do not train: their own shard, stored once
     replace: bool = True
     sharded: ShardedState | None = None  # every rank runs the job; rank 0 commits
     group: Any = None  # the process group of a sharded job
@@ -58,9 +69,14 @@ class Writer:
     """Runs `SaveJob`s through `CommitProtocol`, then hands the committed info to ``on_commit``."""
 
     def __init__(self, commit: CommitProtocol, *, max_shard_size: int | str, save_threads: int,
-                 on_commit: Callable[[CheckpointInfo], CheckpointInfo]) -> None:
+                 on_commit: Callable[[CheckpointInfo], CheckpointInfo], compression: str | None = None,
+                 compression_level: int = 1,
+                 committed: Callable[[], list[CheckpointInfo]] = list) -> None:
         self.commit = commit
         self.max_shard_size = max_shard_size
+        self.compression, self.compression_level, self.save_threads = compression, compression_level, save_threads
+        self._compressors: concurrent.futures.ThreadPoolExecutor | None = None
+        self.committed = committed  # the committed checkpoints, whose frozen files a save may reuse
         self.on_commit = on_commit
         self._lock = threading.Lock()
         self._inflight: SaveJob | None = None  # a background job whose sidecar is not written yet
@@ -137,7 +153,10 @@ class Writer:
             txn = self.commit.begin(job.info.name, replace=job.replace)
             try:
                 entries = self._write_files(txn, job)
-                info = self._take_info(job).replace(files=tuple(entries), size=sum(e.size for e in entries))
+                info = self._take_info(job)
+                # from_pretrained cannot read compressed weights: the folder is not inference-ready as it is
+                ready = info.inference_ready and not any(e.codec and is_model_weights(e.logical_path) for e in entries)
+                info = info.replace(files=tuple(entries), size=sum(e.size for e in entries), inference_ready=ready)
                 txn.commit(info)
             except BaseException:
                 txn.abort()
@@ -233,30 +252,81 @@ class Writer:
     def _write_files(self, txn: Any, job: SaveJob) -> list[FileEntry]:
         entries: list[FileEntry] = []
         blobs = dict(job.files)
+        committed: list[CheckpointInfo] | None = None
         for prefix, state in [(job.prefix, job.model), *job.more_weights.items()]:
             # peft reads one adapter file, never shards of it
             limit = self.max_shard_size if prefix.rsplit("/", 1)[-1] == MODEL_PREFIX else 1 << 62
-            plan = plan_model_files(state, max_shard_size=limit, prefix=prefix)
+            frozen = job.frozen if state is job.model else ()
+            plan = plan_model_files(state, max_shard_size=limit, prefix=prefix, frozen=frozen)
             metadata = {"format": "pt"}
             if plan.aliases:
                 metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
             for filename, tensors in plan.files.items():
-                size, sha = txn.write(filename,
-                                      lambda f, t=tensors, m=metadata: write_safetensors(f, t, m, hasher=self._hasher))
-                entries.append(FileEntry(filename, size, sha))
+                if filename in plan.frozen_files:
+                    committed = self.committed() if committed is None else committed
+                    entries.append(self._write_frozen(txn, filename, tensors, metadata, committed))
+                else:
+                    entries.append(self._write_tensors(txn, filename, tensors, metadata))
             if plan.index is not None:
                 index_name = MODEL_INDEX if prefix == MODEL_PREFIX else f"{prefix}.safetensors.index.json"
                 blobs[index_name] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             doc, tensors = job.training.to_files(step=job.info.step, epoch=job.info.epoch)
-            size, sha = txn.write(
-                OPTIMIZER_FILE, lambda f: write_safetensors(f, tensors, {"format": "pt"}, hasher=self._hasher))
-            entries.append(FileEntry(OPTIMIZER_FILE, size, sha))
+            entries.append(self._write_tensors(txn, OPTIMIZER_FILE, tensors, {"format": "pt"}))
             blobs[TRAINING_STATE_FILE] = doc
         for rel, data in blobs.items():
             size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))
             entries.append(FileEntry(rel, size, sha))
         return entries
+
+    def _write_frozen(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      committed: list[CheckpointInfo]) -> FileEntry:
+        """A file of frozen tensors: the same data as a committed checkpoint's file is not written again.
+
+        Its size is known without writing it; only when a committed file of that size (and codec)
+        exists is it hashed (one pass over the frozen bytes, nothing written) and, on a match, made
+        a hard link (local) or a server-side copy (object stores) of that file.
+        """
+        wanted = codec.CODEC if self.compression else None
+        size = safetensors_size(tensors, metadata)
+        candidates = [(i, e) for i in committed for e in i.files
+                      if e.codec == wanted and e.logical_size == size and (wanted is None or e.raw_sha256)]
+        sha = safetensors_sha256(tensors, metadata) if candidates else None
+        rel = codec.stored_path(filename, wanted)
+        for info, entry in candidates:
+            if (entry.raw_sha256 if wanted else entry.sha256) == sha and txn.reuse(
+                    rel, f"{info.name}/{entry.path}", entry.size, owner=info):
+                return FileEntry(rel, entry.size, entry.sha256, codec=entry.codec, raw_size=entry.raw_size,
+                                 raw_sha256=entry.raw_sha256, shared=self.commit.storage.is_local)
+        return self._write_tensors(txn, filename, tensors, metadata, raw_hash=True)
+
+    def _write_tensors(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str], *, raw_hash: bool = False) -> FileEntry:
+        """One safetensors file, plain or (with ``compression``) byte-grouped and zstd-compressed.
+
+        ``raw_hash``: a compressed file also records the sha256 of its decoded bytes (so a later
+        save of the same frozen tensors can find it).
+        """
+        if self.compression is None:
+            size, sha = txn.write(filename, lambda f: write_safetensors(f, tensors, metadata, hasher=self._hasher))
+            return FileEntry(filename, size, sha)
+        if self._compressors is None and self.save_threads > 1:
+            self._compressors = concurrent.futures.ThreadPoolExecutor(self.save_threads, thread_name_prefix="ckpt-zstd")
+
+        def produce(f: Any) -> tuple[int, str, int, str | None]:
+            raw = [0]  # counted afresh if a failed upload runs this again
+            digest = hashlib.sha256() if raw_hash else None
+            pieces = safetensors_pieces(tensors, metadata)
+            if digest is not None:
+                pieces = _hashed(pieces, digest)
+            frames = codec.encode(pieces, level=self.compression_level,
+                                  pool=self._compressors, in_flight=self.save_threads, counter=raw)
+            size, sha = write_chunks(f, frames, hasher=self._hasher)
+            return size, sha, raw[0], None if digest is None else digest.hexdigest()
+
+        stored = codec.stored_path(filename, codec.CODEC)
+        size, sha, raw_size, raw_sha = txn.write(stored, produce)
+        return FileEntry(stored, size, sha, codec=codec.CODEC, raw_size=raw_size, raw_sha256=raw_sha)
 
     def settle_previous(self) -> None:
         """Let the background save in flight finish; its failure was logged and is not raised here."""
@@ -284,7 +354,17 @@ class Writer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._compressors is not None:
+                self._compressors.shutdown(wait=True)
+                self._compressors = None
             self._staging = StagingArea()
+
+
+def _hashed(pieces: Iterator[tuple[Any, int]], digest: Any) -> Iterator[tuple[Any, int]]:
+    """``pieces`` as they are, each also fed to ``digest``."""
+    for chunk, width in pieces:
+        digest.update(chunk)
+        yield chunk, width
 
 
 _WITH_PENDING_SAVES: weakref.WeakSet[Writer] = weakref.WeakSet()
