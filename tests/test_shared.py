@@ -106,15 +106,9 @@ def test_frozen_base_of_an_hf_model_loads_with_from_pretrained(tmp_path: Path) -
     model = tiny_model(tiny_tokenizer())
     model.transformer.h[0].requires_grad_(False)
     model.transformer.wpe.requires_grad_(False)
-    config = tmp_path / "cfg"
-    model.config.save_pretrained(config)
     m = CheckpointManager(str(tmp_path / "r"))
-    from ckpt_callback._hf import _hf_state
-
     for step in (1, 2):
-        state = _hf_state(model)
-        info = m.save(state, step=step, frozen=frozen_names(model, state),
-                      files={"config.json": (config / "config.json").read_bytes()}, inference_ready=True)
+        info = m.save(model, step=step)  # the frozen names come from requires_grad, config.json from the model
     assert info.shared_size > 0 and info.inference_ready
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r" / "checkpoint-2"))
     assert torch.equal(live_logits(loaded), live_logits(model)) and PROBE.shape[0] == 2
