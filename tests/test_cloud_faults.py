@@ -1,0 +1,120 @@
+"""GCS and Azure Blob under faults: the emulator dies mid-upload (as test_s3_faults does for S3).
+
+Each test starts its own emulator (the session ones stay up for the other tests) and leaves the
+library's driver settings alone: how fast a dead server fails is what `_storage` sets by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import pytest
+import torch
+from torch import nn
+
+from _azurite import Azurite, find_azurite
+from _emulator import LoopbackServer
+from _gcsserver import GcsEmulator, find_gcs_emulator
+from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager
+from ckpt_callback._storage import AZURE_RETRY, GCS_REQUEST_ATTEMPTS, Storage
+
+BUCKET = "faults"
+BACKENDS = [pytest.param("gcs", marks=pytest.mark.gcs), pytest.param("azure", marks=pytest.mark.azure)]
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[LoopbackServer, str, dict]]:
+    """A fresh emulator of ``request.param``, its root URL and the storage_options that reach it."""
+    kind = request.param
+    if kind == "gcs":
+        pytest.importorskip("gcsfs", reason="gcsfs not installed (the [gcs] extra)")
+        if find_gcs_emulator() is None:
+            pytest.skip("GCS emulator not found: pip install gcp-storage-emulator (the [test] extra)")
+        with GcsEmulator(buckets=[BUCKET]) as gcs:
+            yield gcs, f"gs://{BUCKET}/run-{uuid.uuid4().hex[:8]}", {"endpoint_url": gcs.endpoint_url}
+    else:
+        pytest.importorskip("adlfs", reason="adlfs not installed (the [azure] extra)")
+        if find_azurite() is None:
+            pytest.skip("Azurite not found: npm install azurite (README, Development; or set AZURITE_PREFIX)")
+        with Azurite(containers=[BUCKET]) as az:
+            yield az, f"az://{BUCKET}/run-{uuid.uuid4().hex[:8]}", {"connection_string": az.connection_string}
+
+
+def big_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(40)])  # ~168 MB of float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", BACKENDS, indirect=True)
+def test_server_killed_mid_upload(server, caplog):
+    emulator, url, options = server
+    caplog.set_level(logging.INFO, logger="ckpt_callback")
+    model = big_model()
+    hook = CheckpointHook(url, model, every_n_steps=1, keep_last=3, storage_options=options)
+    hook.manager._storage.backoff = 0.1
+    assert hook.step(1, loss=1.0) is not None
+
+    killer = threading.Timer(0.4, emulator.kill)  # well inside the upload
+    killer.start()
+    started = time.monotonic()
+    assert hook.step(2, loss=0.9) is None  # the save failed ...
+    killer.join()
+    failed_after = time.monotonic() - started
+    # ... was logged with the checkpoint's name and the reason, and training went on
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("step 2" in m and "checkpoint-2" in m for m in errors), errors
+    assert failed_after < 60, f"a dead server took {failed_after:.0f} s to fail"
+
+    emulator.restart()
+    manager = CheckpointManager(url, storage_options=options)
+    assert [i.name for i in manager.list()] == ["checkpoint-1"]  # nothing partial is listed
+    assert manager.verify()[0].ok
+
+    assert hook.step(3, loss=0.8) is not None  # the next save lands
+    assert sorted(i.name for i in manager.list()) == ["checkpoint-1", "checkpoint-3"]
+    assert torch.equal(manager.load("checkpoint-3")["0.weight"], model[0].weight)
+    fs, path = fsspec.core.url_to_fs(url, **options, skip_instance_cache=True)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{path}/checkpoint-2/checkpoint.json")
+
+    emulator.kill()
+    with pytest.raises(CheckpointError):
+        hook.end()  # a failed final checkpoint raises
+    emulator.restart()
+    assert "final" not in {i.type for i in manager.list()}
+
+
+@pytest.mark.gcs
+def test_gcs_emulator_roots_skip_the_bucket_type_probe_and_retry_less() -> None:
+    pytest.importorskip("gcsfs")
+    import gcsfs.core
+
+    fs = Storage("gs://bucket/run", {"endpoint_url": "http://127.0.0.1:9"}).fs
+    assert type(fs).__mro__[1] is gcsfs.core.GCSFileSystem  # the plain driver: no gRPC probe of the bucket
+    assert fs.credentials.token == "anon"  # an emulator root never asks a metadata server for a token
+    assert fs.session_kwargs["timeout"].sock_connect == 5
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="checking failed at gs://bucket/run"):
+        CheckpointManager("gs://bucket/run", storage_options={"endpoint_url": "http://127.0.0.1:9"}).save(
+            {"w": torch.ones(1)}, step=1)
+    # gcsfs's own 6 attempts slept 1+2+4+8+16 s; GCS_REQUEST_ATTEMPTS keeps the first few.
+    assert GCS_REQUEST_ATTEMPTS == 3 and time.monotonic() - started < 20
+
+
+@pytest.mark.azure
+def test_azure_retries_are_bounded() -> None:
+    pytest.importorskip("adlfs")
+    from _azurite import ACCOUNT_KEY, ACCOUNT_NAME
+
+    conn = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+            "BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;")
+    fs = Storage("az://container/run", {"connection_string": conn, "skip_instance_cache": True}).fs
+    policy = fs.service_client._config.retry_policy
+    assert {k: getattr(policy, k) for k in AZURE_RETRY} == AZURE_RETRY
+    assert fs._timeout_kwargs == {"connection_timeout": 5, "read_timeout": 120}
