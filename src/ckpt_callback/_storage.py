@@ -31,7 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ._layout import STAGING_PREFIX, TMP_INFIX
 
-__all__ = ["AZURE_DEFAULTS", "AZURE_RETRY", "GCS_REQUEST_ATTEMPTS", "S3_CONFIG_DEFAULTS", "UPLOAD_PART_SIZE", "Storage", "fsync_dir"]
+__all__ = ["AZURE_DEFAULTS", "AZURE_RETRY", "GCS_REQUEST_ATTEMPTS", "S3_CONFIG_DEFAULTS", "UPLOAD_PART_SIZE", "Storage",
+           "fsync_dir"]
 
 logger = logging.getLogger("ckpt_callback")
 
@@ -81,8 +82,8 @@ _HNS_SWITCH = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
 # (ExponentialRetry: 15 s, then 15+3^n s between 3 retries) kept a dead server ~60 s per request and
 # adlfs offers no option for it; AZURE_RETRY is set on the client's policy once adlfs made it.
 AZURE_DEFAULTS: dict[str, Any] = {"connection_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
-AZURE_RETRY: dict[str, int] = {"total_retries": 3, "connect_retries": 2, "initial_backoff": 1, "increment_base": 2,
-                               "random_jitter_range": 1}
+AZURE_RETRY: dict[str, int] = {"total_retries": 2, "connect_retries": 1, "read_retries": 2, "initial_backoff": 1,
+                               "increment_base": 2, "random_jitter_range": 1}
 
 
 def _scheme(url: str) -> str:
@@ -116,7 +117,7 @@ def _gcs_emulator(options: dict[str, Any]) -> bool:
     return bool(options.get("endpoint_url")) or os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
 
 
-_GCS_CLASSES: dict[type, type] = {}
+_GCS_CLASSES: dict[type, Any] = {}
 
 
 def _gcs_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -128,8 +129,8 @@ def _gcs_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     import gcsfs.core
     from gcsfs.retry import retry_request
 
-    base: type = gcsfs.core.GCSFileSystem if emulator else gcsfs.GCSFileSystem
-    cls = _GCS_CLASSES.get(base)
+    base: Any = gcsfs.core.GCSFileSystem if emulator else gcsfs.GCSFileSystem
+    cls: Any = _GCS_CLASSES.get(base)
     if cls is None:
         request = retry_request(retries=GCS_REQUEST_ATTEMPTS)(gcsfs.core.GCSFileSystem._request.__wrapped__)
         cls = _GCS_CLASSES[base] = type(base.__name__, (base,), {"_request": request, "__module__": __name__})
