@@ -6,6 +6,7 @@ library's driver settings alone: how fast a dead server fails is what `_storage`
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -20,8 +21,9 @@ from torch import nn
 from _azurite import Azurite, find_azurite
 from _emulator import LoopbackServer
 from _gcsserver import GcsEmulator, find_gcs_emulator
-from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager
+from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager, StorageError
 from ckpt_callback._storage import AZURE_RETRY, GCS_REQUEST_ATTEMPTS, Storage
+from conftest import CLOUD_BACKENDS, make_root
 
 BUCKET = "faults"
 BACKENDS = [pytest.param("gcs", marks=pytest.mark.gcs), pytest.param("azure", marks=pytest.mark.azure)]
@@ -123,3 +125,19 @@ def test_azure_retries_are_bounded() -> None:
     policy = fs.service_client._config.retry_policy
     assert {k: getattr(policy, k) for k in AZURE_RETRY} == AZURE_RETRY
     assert fs._timeout_kwargs == {"connection_timeout": 5, "read_timeout": 120}
+
+
+@pytest.mark.parametrize("backend", CLOUD_BACKENDS)
+def test_a_failed_upload_never_lands_later(backend: str, tmp_path, request: pytest.FixtureRequest) -> None:
+    """An fsspec file collected unclosed commits itself (gcsfs, adlfs): an abandoned upload must not."""
+    storage = Storage(make_root(backend, tmp_path, request))
+
+    def produce(f) -> None:
+        f.write(b"x" * (20 << 20))  # several parts already sent
+        raise RuntimeError("the serializer failed half-way")
+
+    with pytest.raises(StorageError, match="the serializer failed half-way"):
+        storage.write_stream("a/model.safetensors", produce)
+    gc.collect()
+    time.sleep(1.0)  # gcsfs closes collected files on a background thread
+    assert storage.list_files("a") == {}

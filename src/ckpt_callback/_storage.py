@@ -581,8 +581,15 @@ class _Chunked:
         self.f.close()
 
     def discard(self) -> None:
-        if hasattr(self.f, "discard"):
-            self.f.discard()
+        """Abandon the upload: an fsspec file that is collected unclosed closes itself, which commits
+        what it has (gcsfs: completes the resumable session; adlfs: commits the staged blocks), so a
+        failed or retried write could land a truncated object later; a file marked closed never does."""
+        try:
+            if hasattr(self.f, "discard"):
+                self.f.discard()
+        finally:
+            with contextlib.suppress(Exception):
+                self.f.closed = True
 
 
 class _S3MultipartWriter:
