@@ -34,9 +34,9 @@ CLOUD_BACKENDS = [S3, GCS, AZURE]  # object stores, each on a real server the te
 ROOT_BACKENDS = ["local", "memory", *CLOUD_BACKENDS]
 # The SIGKILL and concurrency trials and the hostile table run in full on local and S3; on the GCS
 # and Azure emulators (slower per request) a bounded part by default, to keep the suite's time:
-# CKPT_EMULATOR_TRIALS trials per mode (default 2), or CKPT_EMULATOR_FULL=1 for everything S3 runs.
+# CKPT_EMULATOR_TRIALS trials per mode (default 1), or CKPT_EMULATOR_FULL=1 for everything S3 runs.
 EMULATOR_FULL = os.environ.get("CKPT_EMULATOR_FULL", "") == "1"
-EMULATOR_TRIALS = int(os.environ.get("CKPT_EMULATOR_TRIALS", "2"))
+EMULATOR_TRIALS = int(os.environ.get("CKPT_EMULATOR_TRIALS", "1"))
 EMULATORS = ("gcs", "azure")
 S3_BUCKET = "ckpt-test"
 GCS_BUCKET = "ckpt-test"

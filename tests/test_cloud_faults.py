@@ -49,7 +49,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[LoopbackServer, str
 
 def big_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(40)])  # ~168 MB of float32
+    return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(16)])  # ~67 MB of float32: seconds to upload
 
 
 @pytest.mark.slow
