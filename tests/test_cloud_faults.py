@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import uuid
@@ -141,3 +142,26 @@ def test_a_failed_upload_never_lands_later(backend: str, tmp_path, request: pyte
     gc.collect()
     time.sleep(1.0)  # gcsfs closes collected files on a background thread
     assert storage.list_files("a") == {}
+
+
+@pytest.mark.gcs
+@pytest.mark.parametrize("imported_first", [False, True], ids=["fresh", "gcsfs-imported-first"])
+def test_gcs_emulator_root_never_uses_the_probing_driver(imported_first: bool) -> None:
+    """In a process without the test suite's GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, as a user runs it."""
+    pytest.importorskip("gcsfs")
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import os, sys",
+        "import gcsfs" if imported_first else "",
+        "from ckpt_callback._storage import Storage",
+        "fs = Storage('gs://bucket/run', {'endpoint_url': 'http://127.0.0.1:9'}).fs",
+        "import gcsfs.core",
+        "print(type(fs).__mro__[1] is gcsfs.core.GCSFileSystem, os.environ.get('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'))",
+    ])
+    unset = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "STORAGE_EMULATOR_HOST")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    # imported first: gcsfs already chose its probing class, the library still uses the plain one
+    assert out.stdout.split() == ["True", "None" if imported_first else "false"]
