@@ -165,3 +165,28 @@ def test_gcs_emulator_root_never_uses_the_probing_driver(imported_first: bool) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     # imported first: gcsfs already chose its probing class, the library still uses the plain one
     assert out.stdout.split() == ["True", "None" if imported_first else "false"]
+
+
+@pytest.mark.gcs
+def test_gcs_signs_with_a_service_account_key(gcs_server, tmp_path, request: pytest.FixtureRequest) -> None:
+    """A generated key (never sent anywhere: signing is local) signs a V2 URL; the emulator serves it."""
+    pytest.importorskip("cryptography")
+    import hashlib
+    import urllib.request
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    root = make_root("gcs", tmp_path, request)
+    info = CheckpointManager(root).save({"w": torch.arange(100.0)}, step=1)
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    key = {"type": "service_account", "project_id": "test", "private_key_id": "1", "private_key": pem,
+           "client_email": "ckpt@test.iam.gserviceaccount.com", "client_id": "1",
+           "token_uri": "http://127.0.0.1:9/token"}  # never asked: signing needs no token
+    signer = Storage(root, {"endpoint_url": gcs_server.endpoint_url, "token": key, "skip_instance_cache": True})
+    url = signer.sign("checkpoint-1/model.safetensors", 300)
+    assert url.startswith(gcs_server.endpoint_url) and "Signature=" in url
+    assert pem.splitlines()[1] not in url
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert hashlib.sha256(response.read()).hexdigest() == info.files[0].sha256

@@ -43,6 +43,7 @@ DIRECT_IO = True
 UPLOAD_PARTS_IN_FLIGHT = 6  # small parts, several in flight: fast on object stores, ~40 MB held
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
                    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
+_NOT_SECRET = ("anon", "google_default", "cache", "cloud", "browser")  # gcsfs token= methods, not credentials
 _TRANSIENT = (ConnectionError, TimeoutError)
 T = TypeVar("T")
 
@@ -52,7 +53,8 @@ def _secrets(options: dict[str, Any]) -> list[str]:
     for key, value in options.items():
         if isinstance(value, dict):
             found += _secrets(value)
-        elif isinstance(value, str) and len(value) >= 4 and key.lower() in _SECRET_OPTIONS:
+        elif isinstance(value, str) and len(value) >= 4 and key.lower() in _SECRET_OPTIONS \
+                and value not in _NOT_SECRET:
             found.append(value)
     return found
 
@@ -310,6 +312,11 @@ class Storage:
         Raises:
             StorageError: the storage or its credentials cannot sign (named, with what would).
         """
+        gcs_hint = ("GCS signs with a service-account key: pass storage_options token=<key file> "
+                    "(anonymous and user credentials, and the emulator's, cannot sign)")
+        if "gs" in _protocols(self.fs) and not _gcs_can_sign(self.fs):
+            # checked first: google-cloud-storage would look for default credentials (a metadata server)
+            raise StorageError(f"cannot sign a URL for {self.display(rel)}: {gcs_hint}")
         try:
             return str(self.fs.sign(self.path(rel), expiration=expires))
         except NotImplementedError as exc:
@@ -319,8 +326,7 @@ class Storage:
         except Exception as exc:  # the driver signs locally: a failure is about credentials, not the network
             hint = ""
             if "gs" in _protocols(self.fs):
-                hint = ("; GCS signs with a service-account key: pass storage_options token=<key file> "
-                        "(anonymous and user credentials, and the emulator's, cannot sign)")
+                hint = f"; {gcs_hint}"
             elif "abfs" in _protocols(self.fs) or "az" in _protocols(self.fs):
                 hint = "; Azure signs a SAS with the account key: give account_name and account_key " \
                        "(or a connection string with AccountKey)"
@@ -703,6 +709,15 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _gcs_can_sign(fs: Any) -> bool:
+    """Whether gcsfs holds credentials with a private key (google-auth's `Signing`)."""
+    try:
+        from google.auth.credentials import Signing
+    except ImportError:
+        return False
+    return isinstance(getattr(getattr(fs, "credentials", None), "credentials", None), Signing)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
