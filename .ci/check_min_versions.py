@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTED_EXTRAS = ("hf", "s3", "plot", "test")  # gcs and azure have no server to test against here
+TESTED_EXTRAS = ("hf", "s3", "gcs", "azure", "plot", "test")  # gcs, azure: against emulators
 
 
 def pins() -> dict[str, Version]:

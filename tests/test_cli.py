@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -500,3 +501,27 @@ def test_url_and_list_on_s3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         with urllib.request.urlopen(urls["model.safetensors"], timeout=30) as response:
             body = response.read()
         assert hashlib.sha256(body).hexdigest() == manager.get("best").files[0].sha256
+
+
+@pytest.mark.parametrize("backend", [pytest.param("gcs", marks=pytest.mark.gcs),
+                                     pytest.param("azure", marks=pytest.mark.azure)])
+def test_url_on_gcs_and_azure(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import make_root
+
+    url = make_root(backend, tmp_path, request)  # credentials from the environment, as a user sets them
+    manager = CheckpointManager(url)
+    info = manager.save({"w": torch.arange(1000.0)}, step=1)
+    code, out, err = run(capsys, "url", url, "latest", "--expires", "300", "--json")
+    if backend == "gcs":  # signing needs a service-account key; the emulator's anonymous access has none
+        assert code != 0 and out == ""
+        assert "cannot sign a URL" in err and "service-account key" in err and "Traceback" not in err
+        return
+    assert code == 0, err
+    urls = json.loads(out)
+    assert set(urls) == {"model.safetensors", "checkpoint.json"}
+    assert "sig=" in urls["model.safetensors"]  # a SAS, signed with the account key
+    with urllib.request.urlopen(urls["model.safetensors"], timeout=30) as response:
+        assert hashlib.sha256(response.read()).hexdigest() == info.files[0].sha256
+    with pytest.raises(urllib.error.HTTPError):  # without the signature the blob is private
+        urllib.request.urlopen(urls["model.safetensors"].split("?", 1)[0], timeout=30)

@@ -23,12 +23,17 @@ import pytest
 import torch
 
 from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager, CheckpointWarning
-from conftest import TrialSpawner, make_root, root_fs
+from conftest import CLOUD_BACKENDS, EMULATOR_FULL, EMULATORS, TrialSpawner, make_root, root_fs, trials_on
 
 SECONDS = float(os.environ.get("CKPT_CONCURRENCY_SECONDS", "8"))
 RACE_TRIALS = int(os.environ.get("CKPT_RACE_TRIALS", "5"))
-BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
-ALL_BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
+BACKENDS = ["local", *CLOUD_BACKENDS]  # on the GCS and Azure emulators: bounded (conftest.trials_on)
+ALL_BACKENDS = ["local", "memory", *CLOUD_BACKENDS]
+
+
+def seconds_on(backend: str) -> float:
+    """How long a two-process run lasts: `SECONDS`; on an emulator at most 4 s (unless CKPT_EMULATOR_FULL=1)."""
+    return min(SECONDS, 4.0) if backend in EMULATORS and not EMULATOR_FULL else SECONDS
 
 COMMON = textwrap.dedent(
     """
@@ -184,7 +189,8 @@ def test_two_training_runs_sharing_a_root(backend: str, spawner: TrialSpawner, t
                                           request: pytest.FixtureRequest):
     root = make_root(backend, tmp_path, request)
     go, stop = tmp_path / "go", tmp_path / "stop"
-    runs = [spawner.spawn(TRAINER, root, str(SECONDS), tag, str(go)) for tag in ("a", "b")]
+    seconds = seconds_on(backend)
+    runs = [spawner.spawn(TRAINER, root, str(seconds), tag, str(go)) for tag in ("a", "b")]
     for run in runs:
         run.wait_for("ready")
     reader = spawner.spawn(READER, root, str(stop))
@@ -195,7 +201,7 @@ def test_two_training_runs_sharing_a_root(backend: str, spawner: TrialSpawner, t
     read = result(reader)
     escaped = [e for r in results for e in r["escaped"]]
     bad = bad_listed(root)
-    print(f"\ntwo writers on one {backend} root for {SECONDS:.0f} s: "
+    print(f"\ntwo writers on one {backend} root for {seconds:.0f} s: "
           f"{sum(r['calls'] for r in results)} training-loop calls, escaped exceptions {len(escaped)}, "
           f"bad listed {len(bad)}, raised by manual save/end {sum(len(r['raised']) for r in results)}; "
           f"a reader's list() failed {len(read['failed'])} times in {2 * read['rounds']}")
@@ -212,7 +218,8 @@ def test_deleting_and_pruning_during_a_run(backend: str, spawner: TrialSpawner, 
                                            request: pytest.FixtureRequest):
     root = make_root(backend, tmp_path, request)
     go, stop = tmp_path / "go", tmp_path / "stop"
-    trainer = spawner.spawn(TRAINER, root, str(SECONDS), "a", str(go))
+    seconds = seconds_on(backend)
+    trainer = spawner.spawn(TRAINER, root, str(seconds), "a", str(go))
     trainer.wait_for("ready")
     deleter = spawner.spawn(DELETER, root, str(stop))
     deleter.wait_for("ready")
@@ -221,7 +228,7 @@ def test_deleting_and_pruning_during_a_run(backend: str, spawner: TrialSpawner, 
     stop.touch()
     deletes = result(deleter)
     bad = bad_listed(root)
-    print(f"\ndeletes during a run on {backend} for {SECONDS:.0f} s: {trained['calls']} training-loop calls, "
+    print(f"\ndeletes during a run on {backend} for {seconds:.0f} s: {trained['calls']} training-loop calls, "
           f"escaped exceptions {len(trained['escaped'])}, bad listed {len(bad)}; deleter: {deletes}")
     for line in trained["escaped"][:10] + bad[:10]:
         print("  ", line)
@@ -272,7 +279,8 @@ INTRUDER = COMMON + textwrap.dedent(
 def test_prune_and_cleanup_never_remove_another_process_upload(backend: str, spawner: TrialSpawner, tmp_path: Path,
                                                                request: pytest.FixtureRequest):
     failures = []
-    for trial in range(RACE_TRIALS):
+    trials = trials_on(backend, RACE_TRIALS)
+    for trial in range(trials):
         root = make_root(backend, tmp_path / f"t{trial}", request)
         go_a, go_b, stop = (tmp_path / f"{x}-{trial}" for x in ("go-a", "go-b", "stop"))
         a = spawner.spawn(UPLOADER, root, str(go_a))
@@ -300,7 +308,7 @@ def test_prune_and_cleanup_never_remove_another_process_upload(backend: str, spa
         problems = CheckpointManager(root).verify("big")[0].problems
         if problems:
             failures.append(f"trial {trial}: A's committed checkpoint is damaged: {problems}")
-    print(f"\nprune/cleanup/first save during another process's upload to {backend}: {RACE_TRIALS} trials, "
+    print(f"\nprune/cleanup/first save during another process's upload to {backend}: {trials} trials, "
           f"uploads lost or damaged {len(failures)}")
     for line in failures:
         print("  ", line[:600])
@@ -385,7 +393,7 @@ def test_delete_takes_a_name_literally_never_as_a_glob(backend: str, tmp_path: P
         assert not [f for f in fs.find(path) if "/exp[12]/" in f], "delete('exp[12]') left files behind"
 
 
-@pytest.mark.parametrize("backend", ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_a_root_with_glob_characters_is_literal(backend: str, tmp_path: Path, request: pytest.FixtureRequest):
     base = make_root(backend, tmp_path, request)
     plain, magic = f"{base}/run-a", f"{base}/run-[ab]"

@@ -40,15 +40,16 @@ import pytest
 import torch
 
 from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointNotFoundError
-from conftest import TrialProcess, TrialSpawner, make_root, sidecarless_folders
+from conftest import CLOUD_BACKENDS, TrialProcess, TrialSpawner, make_root, sidecarless_folders, trials_on
 
 TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "5"))
 MODES = ["sync", "async", "replace", "prune", "metrics", "frozen"]
-BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
-# How long a writer runs on after its first commit before the kill, at most (S3 saves are slower).
-RUN_SECONDS = {"local": 0.6, "s3": 1.2}
+BACKENDS = ["local", *CLOUD_BACKENDS]  # on the GCS and Azure emulators: CKPT_EMULATOR_TRIALS per mode
+# How long a writer runs on after its first commit before the kill, at most (object stores are slower).
+RUN_SECONDS = {"local": 0.6, "s3": 1.2, "gcs": 1.2, "azure": 1.2}
 # Every other replace/prune trial aims the kill into an operation: at most this long after it starts.
-OP_SECONDS = {"replace": {"local": 0.04, "s3": 0.4}, "prune": {"local": 0.01, "s3": 0.15}}
+OP_SECONDS = {"replace": {"local": 0.04, "s3": 0.4, "gcs": 0.4, "azure": 0.4},
+              "prune": {"local": 0.01, "s3": 0.15, "gcs": 0.15, "azure": 0.15}}
 
 COMMON = textwrap.dedent(
     """
@@ -293,7 +294,7 @@ def test_sigkill_loses_nothing_committed_and_lists_nothing_bad(mode: str, backen
                                                                tmp_path: Path, request: pytest.FixtureRequest):
     rng = random.Random(f"{mode}-{backend}")
     tally = Tally()
-    for trial in range(TRIALS):
+    for trial in range(trials_on(backend, TRIALS)):
         tally.trials += 1
         run_trial(mode, backend, trial, rng, spawner, tmp_path, request, tally)
     print(f"\nSIGKILL {mode}/{backend}: {tally.trials} trials ({tally.killed} killed mid-run, "

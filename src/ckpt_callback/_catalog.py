@@ -368,8 +368,8 @@ class Catalog:
         """A pre-signed URL of ``info``'s weights file, or None where the storage cannot sign."""
         rel = weights_file(info)
         try:
-            return str(self.storage.fs.sign(self.storage.path(info.name, rel), expiration=expires))
-        except NotImplementedError:
+            return self.storage.sign(f"{info.name}/{rel}", expires)
+        except StorageError:  # this storage or these credentials cannot sign
             return None
 
 

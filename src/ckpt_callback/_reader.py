@@ -421,12 +421,7 @@ class Reader:
             raise InvalidArgumentError(f"expires must be a positive number of seconds, got {expires!r}")
         urls = {}
         for rel in [f.path for f in info.files] + [SIDECAR]:
-            try:
-                urls[rel] = self.storage.fs.sign(self.storage.path(info.name, rel), expiration=expires)
-            except NotImplementedError as exc:
-                raise StorageError(
-                    f"{self.storage.display()} cannot make signed URLs ({type(self.storage.fs).__name__} does not "
-                    "sign); use 'ckpt download' instead, or object storage such as s3://") from exc
+            urls[rel] = self.storage.sign(f"{info.name}/{rel}", expires)
         return urls
 
 

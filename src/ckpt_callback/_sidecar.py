@@ -648,8 +648,8 @@ class _Checker:
                     raise SidecarError(f"{at}: {key!r} is listed twice")
                 seen.add(key)
             entries.append(FileEntry(path=path, size=int(size), sha256=sha, codec=codec,
-                                     raw_size=None if codec is None or raw_size is None else int(raw_size), shared=shared,
-                                     raw_sha256=raw_sha))
+                                     raw_size=None if codec is None or raw_size is None else int(raw_size),
+                                     shared=shared, raw_sha256=raw_sha))
         for path in seen:  # "a" and "a/b" cannot both be files
             parent = path.rpartition("/")[0]
             while parent:

@@ -18,6 +18,7 @@ import copy
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 import uuid
@@ -30,7 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ._errors import CheckpointError, CheckpointNotFoundError, StorageError
 from ._layout import STAGING_PREFIX, TMP_INFIX
 
-__all__ = ["S3_CONFIG_DEFAULTS", "UPLOAD_PART_SIZE", "Storage", "fsync_dir"]
+__all__ = ["AZURE_DEFAULTS", "AZURE_RETRY", "GCS_REQUEST_ATTEMPTS", "S3_CONFIG_DEFAULTS", "UPLOAD_PART_SIZE", "Storage",
+           "fsync_dir"]
 
 logger = logging.getLogger("ckpt_callback")
 
@@ -41,6 +43,7 @@ DIRECT_IO = True
 UPLOAD_PARTS_IN_FLIGHT = 6  # small parts, several in flight: fast on object stores, ~40 MB held
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "account_key", "sas_token", "connection_string",
                    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "client_secret")
+_NOT_SECRET = ("anon", "google_default", "cache", "cloud", "browser")  # gcsfs token= methods, not credentials
 _TRANSIENT = (ConnectionError, TimeoutError)
 T = TypeVar("T")
 
@@ -50,7 +53,8 @@ def _secrets(options: dict[str, Any]) -> list[str]:
     for key, value in options.items():
         if isinstance(value, dict):
             found += _secrets(value)
-        elif isinstance(value, str) and len(value) >= 4 and key.lower() in _SECRET_OPTIONS:
+        elif isinstance(value, str) and len(value) >= 4 and key.lower() in _SECRET_OPTIONS \
+                and value not in _NOT_SECRET:
             found.append(value)
     return found
 
@@ -61,14 +65,100 @@ def _secrets(options: dict[str, Any]) -> list[str]:
 S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"}}
 
 
+# Google Cloud Storage (gcsfs). Every HTTP request gcsfs makes is retried by its own decorator, 6
+# attempts with 1+2+4+8+16 s of sleep: a dead server took ~35 s per request, times `Storage._call`'s
+# retries. We keep GCS_REQUEST_ATTEMPTS of them (a connection refused fails in ~2 s per request) and
+# bound how long a silent server may hold a socket. gcsfs >= 2025.x also probes each bucket's type
+# (zonal / hierarchical namespace) over gRPC before its first operation; against an emulator the
+# probe cannot succeed and waited 60 s per operation (an UNKNOWN answer is not cached). The switch is
+# `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`, read once when gcsfs is imported (default "true"): for an
+# emulator root it is set to "false" before that import, and the plain `gcsfs.core.GCSFileSystem`
+# (no probe) is used even if gcsfs was imported earlier. Real GCS keeps gcsfs's own choice.
+GCS_REQUEST_ATTEMPTS = 3
+# One resumable-upload request (a multiple of 256 KiB); a file's chunks go one after another, so this
+# is also the memory an upload holds. 50 MiB, as gcsfs's own put_file: at 16 MiB a 500 MB save took
+# 2.3x as long as put_file on the emulator (it rewrites the partial object per chunk; real GCS pays a
+# round trip per chunk).
+GCS_UPLOAD_CHUNK = 50 << 20
+CONNECT_TIMEOUT = 5  # seconds to open a connection (every backend where the driver lets us set it)
+READ_TIMEOUT = 120  # seconds a server may stay silent on an open request before it counts as dead
+_HNS_SWITCH = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+
+# Azure Blob (adlfs): bounded connection and read timeouts. The storage SDK's retry policy
+# (ExponentialRetry: 15 s, then 15+3^n s between 3 retries) kept a dead server ~60 s per request and
+# adlfs offers no option for it; AZURE_RETRY is set on the client's policy once adlfs made it.
+AZURE_DEFAULTS: dict[str, Any] = {"connection_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
+AZURE_RETRY: dict[str, int] = {"total_retries": 2, "connect_retries": 1, "read_retries": 2, "initial_backoff": 1,
+                               "increment_base": 2, "random_jitter_range": 1}
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
 def _with_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` plus `S3_CONFIG_DEFAULTS` for s3:// roots (a value the caller gave wins)."""
-    if url.split("://", 1)[0] in ("s3", "s3a"):
+    """``options`` plus this library's defaults for the root's driver (a value the caller gave wins)."""
+    scheme = _scheme(url)
+    if scheme in ("s3", "s3a"):
         config = dict(options.get("config_kwargs") or {})
         for key, value in copy.deepcopy(S3_CONFIG_DEFAULTS).items():  # botocore rewrites `retries` in place
             config.setdefault(key, value)
         options["config_kwargs"] = config
+    elif scheme in ("gs", "gcs"):
+        if "session_kwargs" not in options or "timeout" not in (options["session_kwargs"] or {}):
+            import aiohttp  # gcsfs's HTTP client
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+            options["session_kwargs"] = {**(options.get("session_kwargs") or {}), "timeout": timeout}
+        if _gcs_emulator(options):
+            options.setdefault("token", "anon")  # never ask a metadata server for credentials
+    elif scheme in ("az", "abfs", "abfss"):
+        for key, value in AZURE_DEFAULTS.items():
+            options.setdefault(key, value)
     return options
+
+
+def _gcs_emulator(options: dict[str, Any]) -> bool:
+    """Whether a gs:// root points at an emulator (``endpoint_url`` or ``STORAGE_EMULATOR_HOST``)."""
+    return bool(options.get("endpoint_url")) or os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
+
+
+_GCS_CLASSES: dict[type, Any] = {}
+
+
+def _gcs_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """A gcsfs filesystem for ``url`` with `GCS_REQUEST_ATTEMPTS` and, for an emulator, no bucket-type probe."""
+    emulator = _gcs_emulator(options)
+    if emulator and "gcsfs" not in sys.modules:
+        os.environ.setdefault(_HNS_SWITCH, "false")  # nothing to probe on an emulator; skips importing gRPC too
+    import gcsfs
+    import gcsfs.core
+    from gcsfs.retry import retry_request
+
+    base: Any = gcsfs.core.GCSFileSystem if emulator else gcsfs.GCSFileSystem
+    cls: Any = _GCS_CLASSES.get(base)
+    if cls is None:
+        request = retry_request(retries=GCS_REQUEST_ATTEMPTS)(gcsfs.core.GCSFileSystem._request.__wrapped__)
+        cls = _GCS_CLASSES[base] = type(base.__name__, (base,), {"_request": request, "__module__": __name__})
+    path = cls._strip_protocol(url)
+    return cls(**options), path
+
+
+def _open_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    if _scheme(url) in ("gs", "gcs"):
+        return _gcs_filesystem(url, options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if _scheme(url) in ("az", "abfs", "abfss"):
+        _tune_azure(fs)
+    return fs, path
+
+
+def _tune_azure(fs: Any) -> None:
+    """Bound the retries of adlfs's blob service client (its pipeline shares this one policy object)."""
+    policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
+    for key, value in AZURE_RETRY.items():
+        if hasattr(policy, key):
+            setattr(policy, key, value)
 
 
 class Storage:
@@ -91,7 +181,7 @@ class Storage:
         options = _with_defaults(self.url, dict(storage_options or {}))
         self._secrets = _secrets(options)
         try:
-            self.fs, path = fsspec.core.url_to_fs(self.url, **options)
+            self.fs, path = _open_filesystem(self.url, options)
         except (ImportError, ValueError) as exc:
             raise StorageError(self._scrub(f"cannot open checkpoint root {self.url!r}: {exc}")) from exc
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -215,6 +305,34 @@ class Storage:
             return out
         return self._call("listing", rel, ls)
 
+    def sign(self, rel: str, expires: int) -> str:
+        """A pre-signed GET URL of ``rel``, valid ``expires`` seconds (s3://, gs:// with a service-account
+        key, az:// with an account key).
+
+        Raises:
+            StorageError: the storage or its credentials cannot sign (named, with what would).
+        """
+        gcs_hint = ("GCS signs with a service-account key: pass storage_options token=<key file> "
+                    "(anonymous and user credentials, and the emulator's, cannot sign)")
+        if "gs" in _protocols(self.fs) and not _gcs_can_sign(self.fs):
+            # checked first: google-cloud-storage would look for default credentials (a metadata server)
+            raise StorageError(f"cannot sign a URL for {self.display(rel)}: {gcs_hint}")
+        try:
+            return str(self.fs.sign(self.path(rel), expiration=expires))
+        except NotImplementedError as exc:
+            raise StorageError(
+                f"{self.display()} cannot make signed URLs ({type(self.fs).__name__} does not sign); use "
+                "'ckpt download' instead, or object storage such as s3://") from exc
+        except Exception as exc:  # the driver signs locally: a failure is about credentials, not the network
+            hint = ""
+            if "gs" in _protocols(self.fs):
+                hint = f"; {gcs_hint}"
+            elif "abfs" in _protocols(self.fs) or "az" in _protocols(self.fs):
+                hint = "; Azure signs a SAS with the account key: give account_name and account_key " \
+                       "(or a connection string with AccountKey)"
+            raise StorageError(self._scrub(f"cannot sign a URL for {self.display(rel)}: {_describe(exc)}{hint}")) \
+                from exc
+
     # --- writing -------------------------------------------------------------------------------
 
     def makedirs(self, rel: str = "") -> None:
@@ -289,7 +407,8 @@ class Storage:
         if hasattr(self.fs, "call_s3"):
             f: Any = _S3MultipartWriter(self.fs, target, UPLOAD_PART_SIZE, UPLOAD_PARTS_IN_FLIGHT)
         else:
-            f = _Chunked(self.fs.open(target, "wb", block_size=UPLOAD_PART_SIZE), UPLOAD_PART_SIZE)
+            part = GCS_UPLOAD_CHUNK if "gs" in _protocols(self.fs) else UPLOAD_PART_SIZE
+            f = _Chunked(self.fs.open(target, "wb", block_size=part), part)
         try:
             result = produce(f)
         except BaseException:
@@ -472,8 +591,15 @@ class _Chunked:
         self.f.close()
 
     def discard(self) -> None:
-        if hasattr(self.f, "discard"):
-            self.f.discard()
+        """Abandon the upload: an fsspec file that is collected unclosed closes itself, which commits
+        what it has (gcsfs: completes the resumable session; adlfs: commits the staged blocks), so a
+        failed or retried write could land a truncated object later; a file marked closed never does."""
+        try:
+            if hasattr(self.f, "discard"):
+                self.f.discard()
+        finally:
+            with contextlib.suppress(Exception):
+                self.f.closed = True
 
 
 class _S3MultipartWriter:
@@ -585,6 +711,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _gcs_can_sign(fs: Any) -> bool:
+    """Whether gcsfs holds credentials with a private key (google-auth's `Signing`)."""
+    try:
+        from google.auth.credentials import Signing
+    except ImportError:
+        return False
+    return isinstance(getattr(getattr(fs, "credentials", None), "credentials", None), Signing)
+
+
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
@@ -596,7 +731,9 @@ def _is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     markers = ("slowdown", "throttl", "too many requests", "503", "502", "500 internal", "504",
                "connection reset", "connection refused", "timed out", "temporarily", "serviceunavailable",
-               "internalerror", "connectionclosed", "endpointconnectionerror", "connecttimeout")
+               "internalerror", "connectionclosed", "endpointconnectionerror", "connecttimeout",
+               "cannot connect to host", "connect call failed", "serverdisconnected", "servicerequesterror",
+               "serviceresponseerror")
     return any(m in text for m in markers)
 
 
