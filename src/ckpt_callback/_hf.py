@@ -58,7 +58,8 @@ class CheckpointCallback(TrainerCallback):
         check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0);
             None: never look. A ``--stop`` request ends ``train()`` normally after the final checkpoint.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
-            storage_options, async_save, max_shard_size, writer, on_commit, save_merged for peft models).
+            storage_options, async_save, max_shard_size, writer, on_commit,
+            compression, compression_level, save_merged for peft models).
 
     Example:
         >>> callback = CheckpointCallback("memory://doc-hf", keep_last=3, monitor="evalLoss")

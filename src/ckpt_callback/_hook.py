@@ -42,7 +42,8 @@ class CheckpointHook:
         check_requests_every: seconds between two looks for ``ckpt request`` requests (rank 0,
             at a step boundary); None: never look.
         **manager_options: `CheckpointManager` options (keep_last, keep_best, monitor, mode,
-            storage_options, async_save, max_shard_size, on_commit, save_merged for peft models).
+            storage_options, async_save, max_shard_size, on_commit, compression,
+            compression_level, save_merged for peft models).
 
     Example:
         >>> import torch
