@@ -290,7 +290,11 @@ def run_trial(mode: str, backend: str, trial: int, rng: random.Random, spawner: 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_loses_nothing_committed_and_lists_nothing_bad(mode: str, backend: str, spawner: TrialSpawner,
-                                                               tmp_path: Path, request: pytest.FixtureRequest):
+                                                               tmp_path: Path, request: pytest.FixtureRequest,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    # Shared blobs (object stores) unreferenced for 2 s are freed by every cleanup, so the trials
+    # also kill savers and pruners while blobs are being freed (the default grace is 120 s).
+    monkeypatch.setenv("CKPT_BLOB_GRACE_SECONDS", "2")
     rng = random.Random(f"{mode}-{backend}")
     tally = Tally()
     for trial in range(TRIALS):

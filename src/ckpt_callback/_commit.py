@@ -204,8 +204,9 @@ class Transaction:
 
         Local: a hard link, so both folders stay self-contained and deleting either frees nothing
         the other holds (the file system counts the links). Object stores: a server-side copy
-        (no upload). False when that cannot be done (the source is gone, another file system, a
-        size that is not what its sidecar says): the caller writes the file instead.
+        (no upload; the writer keeps frozen files in the blob area instead, see `hold_blob`).
+        False when that cannot be done (the source is gone, another file system, a size that is
+        not what its sidecar says): the caller writes the file instead.
         """
         s = self.storage
         try:

@@ -286,7 +286,8 @@ class Writer:
 
         Its size is known without writing it; only when a committed file of that size (and codec)
         exists is it hashed (one pass over the frozen bytes, nothing written) and, on a match, made
-        a hard link (local) or a server-side copy (object stores) of that file.
+        a hard link of that file (local roots; object stores keep such files once in the blob area:
+        `_write_blob`).
         """
         if not self.commit.storage.is_local:
             return self._write_blob(txn, filename, tensors, metadata, committed)
