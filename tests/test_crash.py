@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointNotFoundError
-from conftest import TrialProcess, TrialSpawner, make_root, sidecarless_folders
+from conftest import TrialProcess, TrialSpawner, make_root, root_fs, sidecarless_folders
 
 TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "5"))
 MODES = ["sync", "async", "replace", "prune", "metrics", "frozen"]
@@ -234,6 +234,16 @@ def new_writer_cleans_up(root: str, trial: int, tally: Tally, request: pytest.Fi
         hook.step(1_000_000 + trial, loss=1.0)
         hook.manager.close()
     tally.leftovers += [f"trial {trial}: {folder}" for folder in sidecarless_folders(root, request)]
+    if "://" in root:  # object stores: past the blob grace period, a cleanup frees every blob nothing names
+        time.sleep(2.1)
+        manager = CheckpointManager(root)
+        manager.cleanup_incomplete()
+        named = {f.blob for i in manager.list() for f in i.files if f.blob}
+        fs, path = root_fs(root, request)
+        fs.invalidate_cache()
+        blobs = fs.find(f"{path.rstrip('/')}/.ckpt-blobs") if fs.exists(f"{path.rstrip('/')}/.ckpt-blobs") else []
+        tally.leftovers += [f"trial {trial}: unreferenced {b.rsplit('/', 1)[-1]}" for b in blobs
+                            if b.rsplit("/", 1)[-1] not in named]
     if lost:
         listed = {i.name for i in CheckpointManager(root).list()}
         tally.still_lost += [f"trial {trial}: {name} still not listed after a new writer"

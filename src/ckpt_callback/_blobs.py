@@ -90,7 +90,7 @@ def _referenced(storage: Storage) -> set[str] | None:
 
 
 def collect(storage: Storage, grace: float | None = None) -> list[str]:
-    """Free the blobs no sidecar names any more (and stale markers); returns the files removed.
+    """Free the blobs no sidecar names any more, and markers older than the grace; returns the files removed.
 
     Safe against a concurrent save: see the module docstring. Never raises for a failed delete
     (logged; the next pass retries).
@@ -107,11 +107,14 @@ def collect(storage: Storage, grace: float | None = None) -> list[str]:
     if referenced is None:
         return []
     removed: list[str] = []
-    for sha in sorted(candidates - referenced):
+    for sha in sorted(candidates):
         again, owned = _ages(storage.list_files(BLOBS_DIR), time.time())
         if sha not in again or time.time() - again[sha] < grace:
             continue  # a save touched it meanwhile
-        files = sorted(owned[sha], key=lambda rel: rel != sha)  # the blob first, then its markers
+        if sha in referenced:  # in use: only the stale markers killed saves left go
+            files = [rel for rel in owned[sha] if rel != sha]
+        else:
+            files = sorted(owned[sha], key=lambda rel: rel != sha)  # the blob first, then its markers
         for name in files:
             rel = f"{BLOBS_DIR}/{name}"  # a literal path, never a glob
             try:
