@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,34 @@ def test_a_source_replaced_since_the_catalog_read_it_is_not_linked(tmp_path: Pat
     assert not any(f.shared for f in info.files)
     assert m.verify("checkpoint-2")[0].ok
     assert torch.equal(m.load("checkpoint-2")["base.0.weight"], net.base[0].weight)
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES)
+def test_a_save_reusing_a_blob_keeps_it_while_its_last_other_referrer_is_deleted(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: checkpoint-2 reuses blob X; before its sidecar goes up, another process deletes checkpoint-1,
+    X's only committed referrer, and frees what is unreferenced. X is older than the grace, but the save's marker
+    is not: X stays, and checkpoint-2 commits whole."""
+    from ckpt_callback._commit import Transaction
+    from conftest import make_root
+
+    monkeypatch.setenv(_blobs.GRACE_ENV, "1")
+    root = make_root(backend, tmp_path, request)
+    net = FrozenBase()
+    CheckpointManager(root, keep_last=None).save(net, step=1)
+    blob = next(f for f in CheckpointManager(root).get("checkpoint-1").files if f.blob)
+    time.sleep(1.2)  # X is now older than the grace period
+    original = Transaction._check_still_ours
+    freed: list[list[str]] = []
+
+    def concurrent_delete(self: Transaction, info: CheckpointInfo) -> None:
+        if info.name == "checkpoint-2" and not freed:
+            CheckpointManager(root).delete("checkpoint-1")
+            freed.append(CheckpointManager(root)._commit.collect_blobs())
+        original(self, info)
+
+    monkeypatch.setattr(Transaction, "_check_still_ours", concurrent_delete)
+    info = CheckpointManager(root, keep_last=None).save((train(net), net)[1], step=2)
+    assert freed == [[]] and next(f for f in info.files if f.blob) == blob
+    assert f".ckpt-blobs/{blob.blob}" in _objects(root, request)
+    assert CheckpointManager(root).verify("checkpoint-2")[0].ok
