@@ -136,6 +136,7 @@ class _LeaseKeeper:
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[Storage, str, Lease]] = {}
+        self.markers: dict[str, Storage] = {}  # blob markers (`Transaction.hold_blob`) kept fresh the same way
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -163,6 +164,11 @@ class _LeaseKeeper:
             time.sleep(LEASE_SECONDS / 4)
             with self.lock:
                 held = list(self.live.values())
+                markers = list(self.markers.items())
+            for rel, storage in markers:  # so a long save's blobs stay younger than the freeing grace
+                with contextlib.suppress(Exception):
+                    if rel in self.markers:  # one re-created after its save dropped it ages out and is freed
+                        storage.write_bytes_atomic(rel, b"{}")
             for storage, folder, lease in held:
                 fresh = Lease(**{**asdict(lease), "expires": time.time() + LEASE_SECONDS})
                 with contextlib.suppress(Exception):  # a failed refresh is retried; the lease has slack
@@ -240,6 +246,8 @@ class Transaction:
         try:
             s.write_bytes_atomic(_blobs.ref_path(sha, self.lease.writer), b"{}")
             self.blobs[sha] = size
+            with _LEASES.lock:
+                _LEASES.markers[_blobs.ref_path(sha, self.lease.writer)] = s
             if _blobs.present(s).get(sha) != size:
                 if staged is None:
                     return self._drop_blob(sha)
@@ -256,6 +264,8 @@ class Transaction:
 
     def _drop_blob(self, sha: str) -> bool:
         if self.blobs.pop(sha, None) is not None:
+            with _LEASES.lock:
+                _LEASES.markers.pop(_blobs.ref_path(sha, self.lease.writer), None)
             with contextlib.suppress(Exception):
                 self.storage.remove(_blobs.ref_path(sha, self.lease.writer))
         return False
