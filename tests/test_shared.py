@@ -1,18 +1,20 @@
-"""Frozen tensors: their own shard files, stored once (hard links locally, server-side copies on object stores)."""
+"""Frozen tensors: their own shard files, stored once (hard links locally, a shared blob on object stores)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from ckpt_callback import CheckpointManager
+from ckpt_callback import CheckpointManager, CorruptCheckpointError, SidecarError, _blobs
 from ckpt_callback._catalog import stored_total
+from ckpt_callback._layout import MARKER
 from ckpt_callback._serialization import frozen_names, parse_index, plan_model_files
-from ckpt_callback._storage import Storage
+from ckpt_callback._sidecar import CheckpointInfo, FileEntry
 
 
 class FrozenBase(torch.nn.Module):
@@ -97,43 +99,156 @@ def test_a_changed_frozen_tensor_is_written_again(tmp_path: Path) -> None:
     assert torch.equal(m.load("latest")["base.0.weight"], net.base[0].weight)
 
 
-def test_frozen_base_of_an_hf_model_loads_with_from_pretrained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "memory"])
+def test_frozen_base_of_an_hf_model_loads_with_from_pretrained(backend: str, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
+    from ckpt_callback import export_checkpoint
+    from ckpt_callback._pretrained import hf_state
+    from conftest import make_root
     from test_hf import PROBE, live_logits, tiny_model, tiny_tokenizer
 
     model = tiny_model(tiny_tokenizer())
     model.transformer.h[0].requires_grad_(False)
     model.transformer.wpe.requires_grad_(False)
-    m = CheckpointManager(str(tmp_path / "r"))
+    root = make_root(backend, tmp_path)
+    m = CheckpointManager(root)
     for step in (1, 2):
         info = m.save(model, step=step)  # the frozen names come from requires_grad, config.json from the model
     assert info.shared_size > 0 and info.inference_ready
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r" / "checkpoint-2"))
+    assert any(f.blob for f in info.files) == (backend != "local")
+    folder = root + "/checkpoint-2" if backend == "local" else export_checkpoint(root, "latest", tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder))
     assert torch.equal(live_logits(loaded), live_logits(model)) and PROBE.shape[0] == 2
 
 
-@pytest.mark.parametrize("backend", ["memory", pytest.param("s3", marks=pytest.mark.s3)])
-def test_object_stores_copy_the_frozen_shard_server_side(backend: str, tmp_path: Path,
-                                                          request: pytest.FixtureRequest,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+OBJECT_STORES = ["memory", pytest.param("s3", marks=pytest.mark.s3)]
+
+
+def _objects(root: str, request: pytest.FixtureRequest) -> dict[str, int]:
+    """Every object under ``root`` (relative path → size), looked at behind the library's back."""
+    from conftest import root_fs
+
+    fs, base = root_fs(root, request)
+    fs.invalidate_cache()
+    base = base.rstrip("/")
+    return {p[len(base) + 1:]: int(d["size"]) for p, d in fs.find(base, detail=True).items()
+            if d.get("type") != "directory"}
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+@pytest.mark.parametrize("backend", OBJECT_STORES)
+def test_object_stores_store_the_frozen_shard_once(backend: str, compression: str | None, tmp_path: Path,
+                                                   request: pytest.FixtureRequest,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import make_root
+
+    monkeypatch.setenv(_blobs.GRACE_ENV, "0")
+    root = make_root(backend, tmp_path, request)
+    net = FrozenBase()
+    m = CheckpointManager(root, compression=compression, keep_last=None)
+    infos = [m.save((train(net), net)[1], step=step) for step in range(1, 11)]
+    blob = next(f for f in infos[0].files if f.blob)
+    assert blob.logical_path == "model-00001-of-00002.safetensors" and blob.blob == blob.sha256
+    assert all(next(f for f in i.files if f.blob) == blob for i in infos)
+    objects = _objects(root, request)
+    blobs = {k: v for k, v in objects.items() if k.startswith(".ckpt-blobs/")}
+    assert blobs == {f".ckpt-blobs/{blob.sha256}": blob.size}  # once, and no save's marker is left
+    # everything stored: one frozen shard + each checkpoint's own (trainable) files and sidecar
+    own = sum(f.size for i in infos for f in i.files if not f.blob)
+    sidecars = sum(v for k, v in objects.items() if k.endswith("checkpoint.json"))
+    assert sum(objects.values()) == blob.size + own + sidecars
+    assert sum(objects.values()) < 2 * blob.size + own  # 10 copies would be 10 * blob.size + own
+    assert not any(k.endswith(blob.path) for k in objects if not k.startswith(".ckpt-blobs/"))
+    page = m.list()
+    assert page.summary.total_size == stored_total(list(page)) == blob.size + own
+
+    for info in infos[-2:]:
+        result = m.verify(info.name)[0]
+        assert result.ok, result.problems
+        assert torch.equal(m.load(info.name)["base.0.weight"], net.base[0].weight)
+    assert torch.equal(m.load("latest")["head.weight"], net.head.weight)
+    fresh = FrozenBase()
+    CheckpointManager(root).restore("checkpoint-3", model=fresh)
+    assert torch.equal(fresh.base[1].weight, net.base[1].weight)
+
+    # a download is a plain self-contained folder: the blob's bytes at the file's path, no blob key
+    m.download("latest", tmp_path / "copy", decompress=True)
+    copied = json.loads((tmp_path / "copy" / "checkpoint.json").read_text())
+    assert not any("blob" in f or f.get("shared") for f in copied["files"])
+    assert (tmp_path / "copy" / "model-00001-of-00002.safetensors").stat().st_size == blob.logical_size
+    assert CheckpointManager(str(tmp_path)).verify("copy")[0].ok
+
+    # deleting frees the blob only with its last referrer
+    for info in infos[:-1]:
+        m.delete(info.name)
+        assert f".ckpt-blobs/{blob.sha256}" in _objects(root, request)
+    m.delete("checkpoint-10")
+    assert not [k for k in _objects(root, request) if k.startswith(".ckpt-blobs/") or not k.endswith(MARKER)]
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES)
+def test_retention_frees_a_blob_after_its_last_referrer_and_the_grace_period(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import make_root
 
     root = make_root(backend, tmp_path, request)
-    copies: list[tuple[str, str]] = []
-    original = Storage.copy
-    monkeypatch.setattr(Storage, "copy", lambda self, src, dst: (copies.append((src, dst)), original(self, src, dst)))
     net = FrozenBase()
-    m = CheckpointManager(root, keep_last=1)
+    m = CheckpointManager(root, keep_last=2)
     for step in (1, 2, 3):
-        train(net)
-        m.save(net, step=step)
-    assert [src.split("/")[0] for src, _ in copies] == ["checkpoint-1", "checkpoint-2"]
-    assert all(src.endswith("model-00001-of-00002.safetensors") for src, _ in copies)
-    assert [i.name for i in m.list()] == ["checkpoint-3"]  # retention removed the copies' sources: nothing shared
-    assert m.verify("checkpoint-3")[0].ok
-    assert torch.equal(m.load("latest")["base.1.weight"], net.base[1].weight)
+        m.save((train(net), net)[1], step=step)
+    first = next(f for f in m.get("checkpoint-3").files if f.blob)
+    with torch.no_grad():
+        net.base[0].weight.mul_(2)  # a new frozen base: a second blob
+    for step in (4, 5):
+        m.save((train(net), net)[1], step=step)
+    second = next(f for f in m.get("checkpoint-5").files if f.blob)
+    assert second.blob != first.blob and [i.name for i in m.list()] == ["checkpoint-5", "checkpoint-4"]
+    # the first blob has no referrer left, but it is younger than the grace period: kept
+    assert {f".ckpt-blobs/{first.blob}", f".ckpt-blobs/{second.blob}"} <= set(_objects(root, request))
+    monkeypatch.setenv(_blobs.GRACE_ENV, "0")
+    m.prune()
+    blobs = {k for k in _objects(root, request) if k.startswith(".ckpt-blobs/")}
+    assert blobs == {f".ckpt-blobs/{second.blob}"}
+    assert m.verify("checkpoint-4")[0].ok and m.verify("checkpoint-5")[0].ok
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("backend", OBJECT_STORES)
+def test_a_missing_or_corrupt_blob_fails_verify_and_load(backend: str, damage: str, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    from conftest import make_root, root_fs
+
+    root = make_root(backend, tmp_path, request)
+    net = FrozenBase()
+    m = CheckpointManager(root)
+    m.save(net, step=1)
+    info = m.save((train(net), net)[1], step=2)
+    blob = next(f for f in info.files if f.blob)
+    fs, base = root_fs(root, request)
+    where = f"{base.rstrip('/')}/.ckpt-blobs/{blob.blob}"
+    if damage == "missing":
+        fs.rm(where)
+    else:
+        data = bytearray(fs.cat_file(where))
+        data[len(data) // 2] ^= 0xFF
+        fs.pipe_file(where, bytes(data))
+    fs.invalidate_cache()
+    result = m.verify("checkpoint-2")[0]
+    assert not result.ok and all(blob.path in p for p in result.problems) and len(result.problems) == 1
+    with pytest.raises(CorruptCheckpointError, match=blob.path):
+        CheckpointManager(root).load("checkpoint-2")
+
+
+@pytest.mark.parametrize("value", ["../x", "g" * 64, "A" * 64, "0" * 64, 7, None])
+def test_a_hostile_blob_value_is_refused(value: object) -> None:
+    sha = "ab" * 32
+    doc = CheckpointInfo(name="c", step=1, size=3, files=(FileEntry("model.safetensors", 3, sha, blob=sha),)).to_json()
+    assert CheckpointInfo.from_json(doc).files[0].blob == sha
+    doc["files"][0]["blob"] = value
+    with pytest.raises(SidecarError, match="blob"):
+        CheckpointInfo.from_json(doc)
 
 
 def test_a_source_replaced_since_the_catalog_read_it_is_not_linked(tmp_path: Path) -> None:
@@ -153,3 +268,34 @@ def test_a_source_replaced_since_the_catalog_read_it_is_not_linked(tmp_path: Pat
     assert not any(f.shared for f in info.files)
     assert m.verify("checkpoint-2")[0].ok
     assert torch.equal(m.load("checkpoint-2")["base.0.weight"], net.base[0].weight)
+
+
+@pytest.mark.parametrize("backend", OBJECT_STORES)
+def test_a_save_reusing_a_blob_keeps_it_while_its_last_other_referrer_is_deleted(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: checkpoint-2 reuses blob X; before its sidecar goes up, another process deletes checkpoint-1,
+    X's only committed referrer, and frees what is unreferenced. X is older than the grace, but the save's marker
+    is not: X stays, and checkpoint-2 commits whole."""
+    from ckpt_callback._commit import Transaction
+    from conftest import make_root
+
+    monkeypatch.setenv(_blobs.GRACE_ENV, "1")
+    root = make_root(backend, tmp_path, request)
+    net = FrozenBase()
+    CheckpointManager(root, keep_last=None).save(net, step=1)
+    blob = next(f for f in CheckpointManager(root).get("checkpoint-1").files if f.blob)
+    time.sleep(1.2)  # X is now older than the grace period
+    original = Transaction._check_still_ours
+    freed: list[list[str]] = []
+
+    def concurrent_delete(self: Transaction, info: CheckpointInfo) -> None:
+        if info.name == "checkpoint-2" and not freed:
+            CheckpointManager(root).delete("checkpoint-1")
+            freed.append(CheckpointManager(root)._commit.collect_blobs())
+        original(self, info)
+
+    monkeypatch.setattr(Transaction, "_check_still_ours", concurrent_delete)
+    info = CheckpointManager(root, keep_last=None).save((train(net), net)[1], step=2)
+    assert freed == [[]] and next(f for f in info.files if f.blob) == blob
+    assert f".ckpt-blobs/{blob.blob}" in _objects(root, request)
+    assert CheckpointManager(root).verify("checkpoint-2")[0].ok

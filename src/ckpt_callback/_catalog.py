@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import CheckpointNotFoundError, InvalidArgumentError, InvalidNameError, SidecarError, StorageError
-from ._layout import SIDECAR, STAGING_PREFIX
+from ._layout import BLOBS_DIR, SIDECAR, STAGING_PREFIX
 from ._sidecar import CHECKPOINT_TYPES, MAX_SIDECAR_BYTES, CheckpointInfo
 from ._storage import Storage
 from ._views import TENSORONE_METRICS, openai_list, tensorone_list, tensorone_metric, weights_file
@@ -201,7 +201,8 @@ class Catalog:
         if present is not None:  # object stores: never list a checkpoint whose files are gone
             for folder, (_, info) in builtins.list(view.items()):
                 files = present.get(folder, {})
-                if any(e.path not in files for e in info.files):
+                blobs = present.get(BLOBS_DIR, {})
+                if any((e.blob not in blobs) if e.blob else (e.path not in files) for e in info.files):
                     logger.warning("not listing %s: files of its sidecar are missing", self.storage.display(folder))
                     damaged[folder] = info
                     del view[folder]
@@ -249,6 +250,8 @@ class Catalog:
         for rel, detail in s.list_files("").items():
             if rel.startswith(STAGING_PREFIX) and rel.endswith("/" + SIDECAR):
                 staged = True
+            if rel.startswith(BLOBS_DIR + "/") and rel.count("/") == 1:  # shared blobs: their presence is checked
+                present.setdefault(BLOBS_DIR, {})[rel.split("/", 1)[1]] = int(detail.get("size") or 0)
             if "/" not in rel or rel.startswith("."):
                 continue
             folder, inner = rel.split("/", 1)
@@ -367,8 +370,9 @@ class Catalog:
     def sign(self, info: CheckpointInfo, expires: int = 3600) -> str | None:
         """A pre-signed URL of ``info``'s weights file, or None where the storage cannot sign."""
         rel = weights_file(info)
+        entry = next((f for f in info.files if f.path == rel), None)  # a blob entry's bytes are in the blob area
         try:
-            return self.storage.sign(f"{info.name}/{rel}", expires)
+            return self.storage.sign(entry.location(info.name) if entry else f"{info.name}/{rel}", expires)
         except StorageError:  # this storage or these credentials cannot sign
             return None
 

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from ._errors import CheckpointExistsError, CheckpointNotFoundError, SidecarError, StorageError
+from . import _blobs
+from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, SidecarError, StorageError
 from ._layout import MARKER, SIDECAR, STAGING_PREFIX, TMP_INFIX, TRASH_PREFIX
 from ._sidecar import CheckpointInfo
 from ._storage import Storage
@@ -135,6 +136,7 @@ class _LeaseKeeper:
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[Storage, str, Lease]] = {}
+        self.markers: dict[str, Storage] = {}  # blob markers (`Transaction.hold_blob`) kept fresh the same way
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -162,6 +164,11 @@ class _LeaseKeeper:
             time.sleep(LEASE_SECONDS / 4)
             with self.lock:
                 held = list(self.live.values())
+                markers = list(self.markers.items())
+            for rel, storage in markers:  # so a long save's blobs stay younger than the freeing grace
+                with contextlib.suppress(Exception):
+                    if rel in self.markers:  # one re-created after its save dropped it ages out and is freed
+                        storage.write_bytes_atomic(rel, b"{}")
             for storage, folder, lease in held:
                 fresh = Lease(**{**asdict(lease), "expires": time.time() + LEASE_SECONDS})
                 with contextlib.suppress(Exception):  # a failed refresh is retried; the lease has slack
@@ -189,6 +196,7 @@ class Transaction:
         self.protocol, self.name, self.folder, self.lease, self.staged = protocol, name, folder, lease, staged
         self.storage = protocol.storage
         self.sealed = False  # the sidecar is written: from here on the folder is recovered, never aborted
+        self.blobs: dict[str, int] = {}  # object stores: blobs the sidecar will name (sha -> size), each with a marker
 
     def write(self, rel: str, produce: Callable[[Any], T]) -> T:
         """Write one file of the checkpoint; see `Storage.write_stream`."""
@@ -202,8 +210,9 @@ class Transaction:
 
         Local: a hard link, so both folders stay self-contained and deleting either frees nothing
         the other holds (the file system counts the links). Object stores: a server-side copy
-        (no upload). False when that cannot be done (the source is gone, another file system, a
-        size that is not what its sidecar says): the caller writes the file instead.
+        (no upload; the writer keeps frozen files in the blob area instead, see `hold_blob`).
+        False when that cannot be done (the source is gone, another file system, a size that is
+        not what its sidecar says): the caller writes the file instead.
         """
         s = self.storage
         try:
@@ -224,6 +233,47 @@ class Transaction:
             logger.info("cannot reuse %s for %s (%s); writing it", s.display(source), s.display(self.folder, rel), exc)
         return False
 
+    def hold_blob(self, sha: str, size: int, staged: str | None = None) -> bool:
+        """Object stores: make blob ``sha`` (``size`` bytes) one this checkpoint's sidecar may name.
+
+        Writes the marker ``.ckpt-blobs/<sha>.ref-<writer>`` first (so `_blobs.collect` leaves the
+        blob alone), then checks the blob is there in full; if not, ``staged`` (a file of this
+        transaction's folder with those bytes) is copied there server-side. ``staged`` is removed
+        from the folder once the blob holds its bytes. False (``staged`` left in place) when the
+        blob cannot be made whole: the caller keeps or writes the file in the folder.
+        """
+        s = self.storage
+        try:
+            s.write_bytes_atomic(_blobs.ref_path(sha, self.lease.writer), b"{}")
+            self.blobs[sha] = size
+            with _LEASES.lock:
+                _LEASES.markers[_blobs.ref_path(sha, self.lease.writer)] = s
+            if _blobs.present(s).get(sha) != size:
+                if staged is None:
+                    return self._drop_blob(sha)
+                s.copy(f"{self.folder}/{staged}", _blobs.blob_path(sha))
+                if _blobs.present(s).get(sha) != size:
+                    return self._drop_blob(sha)
+            if staged is not None:
+                s.remove(f"{self.folder}/{staged}")
+            return True
+        except (OSError, CheckpointNotFoundError, StorageError) as exc:
+            logger.info("cannot store %s once (%s); keeping it in the checkpoint",
+                        s.display(_blobs.blob_path(sha)), exc)
+            return self._drop_blob(sha)
+
+    def _drop_blob(self, sha: str) -> bool:
+        if self.blobs.pop(sha, None) is not None:
+            with _LEASES.lock:
+                _LEASES.markers.pop(_blobs.ref_path(sha, self.lease.writer), None)
+            with contextlib.suppress(Exception):
+                self.storage.remove(_blobs.ref_path(sha, self.lease.writer))
+        return False
+
+    def _release_blobs(self) -> None:
+        for sha in list(self.blobs):
+            self._drop_blob(sha)
+
     def _still(self, owner: CheckpointInfo | None) -> bool:
         """Whether ``owner`` is still the committed checkpoint of its name (not replaced or deleted)."""
         if owner is None:
@@ -243,6 +293,7 @@ class Transaction:
             if not s.is_local:
                 self._check_still_ours(info)
             s.write_bytes_atomic(f"{self.folder}/{SIDECAR}", info.dumps().encode())
+            self._release_blobs()  # the sidecar names them now
             self.sealed = True
             if s.is_local:
                 p.move_local(self.folder, self.name)
@@ -266,10 +317,13 @@ class Transaction:
         lease = Lease.decode(s.read_bytes(f"{self.folder}/{MARKER}")) if MARKER in listed else None
         if lease is None or lease.writer != self.lease.writer:
             raise StorageError(f"{s.display(self.name)} was taken over or removed by another process during the save")
+        for sha in self.blobs:  # fresh markers, so the blobs outlive the grace period past the sidecar write
+            s.write_bytes_atomic(_blobs.ref_path(sha, self.lease.writer), b"{}")
+        blobs = _blobs.present(s) if any(e.blob for e in info.files) else {}
         for entry in info.files:
-            got = listed.get(entry.path, {}).get("size")
+            got = blobs.get(entry.blob) if entry.blob else listed.get(entry.path, {}).get("size")
             if got != entry.size:
-                raise StorageError(f"{s.display(self.folder, entry.path)} is missing or incomplete "
+                raise StorageError(f"{s.display(entry.location(self.folder))} is missing or incomplete "
                                    f"({got} of {entry.size} bytes) just before the commit")
 
     def abort(self) -> None:
@@ -284,6 +338,7 @@ class Transaction:
         if self.sealed:
             logger.warning("left %s for recovery", self.storage.display(self.folder))
             return
+        self._release_blobs()
         with contextlib.suppress(Exception):
             self.storage.remove_tree(self.folder, last=MARKER)
 
@@ -390,7 +445,8 @@ class CommitProtocol:
                 if rel != MARKER:
                     s.remove(f"{name}/{rel}")
             for entry in info.files:
-                s.copy(f"{staging}/{entry.path}", f"{name}/{entry.path}")
+                if entry.blob is None:  # a blob entry's bytes are in the blob area, named by the sidecar
+                    s.copy(f"{staging}/{entry.path}", f"{name}/{entry.path}")
             s.copy(f"{staging}/{SIDECAR}", f"{name}/{SIDECAR}")  # ... and the new one appears here
             s.remove(f"{name}/{MARKER}")
         finally:
@@ -423,7 +479,7 @@ class CommitProtocol:
         if s.is_local:
             return True
         listed = s.list_files(info.name)
-        if MARKER in listed or any(e.path not in listed for e in info.files):
+        if MARKER in listed or any(e.path not in listed for e in info.files if e.blob is None):
             with contextlib.suppress(Exception):
                 back = CheckpointInfo.loads(s.read_bytes(rel))
                 if back.id == info.id:
@@ -458,7 +514,16 @@ class CommitProtocol:
             s.remove_tree(name, last=MARKER)
         finally:
             _LEASES.release(lease)
+        self.collect_blobs()
         return True
+
+    def collect_blobs(self) -> list[str]:
+        """Free the shared blobs no checkpoint names any more (object stores; see `_blobs.collect`); never raises."""
+        try:
+            return _blobs.collect(self.storage)
+        except CheckpointError as exc:
+            logger.warning("freeing unused blobs of %s failed (retried later): %s", self.storage.display(), exc)
+            return []
 
     # --- recovery -----------------------------------------------------------------------------
 
@@ -507,7 +572,7 @@ class CommitProtocol:
                     s.remove(f"{folder}/{MARKER}")  # a stale lease on a committed checkpoint
         for folder in done:
             logger.info("cleaned up %s", s.display(folder))
-        return done
+        return done + self.collect_blobs()
 
     def _quiet(self, folder: str, files: dict[str, Any]) -> bool:
         """Whether nothing in ``folder`` changed for two lease periods (a writer would have refreshed)."""

@@ -13,13 +13,19 @@ only what is provably ours:
 - ``ROOT/.ckpt-requests/ID.request.json``: a checkpoint asked for from outside the job (``ckpt
   request``), until the job takes it; ``ID.outcome.json``: what became of it (accepted, saved,
   failed). A hidden folder, so never listed as a checkpoint and never touched by cleanup.
+- ``ROOT/.ckpt-blobs/SHA256``: on object stores, a file of frozen tensors stored once for every
+  checkpoint whose sidecar entry names it (``"blob": SHA256``); ``SHA256.ref-TXID``: a save that
+  is about to commit a sidecar naming it (removed after the commit). Freed by `_blobs.collect`
+  only when no committed sidecar names it and it and its markers are older than a grace period.
 """
 
 from __future__ import annotations
 
-from ._sidecar import SIDECAR_NAME
+from ._sidecar import BLOBS_DIR, SIDECAR_NAME
 
 __all__ = [
+    "BLOBS_DIR",
+    "BLOB_REF_INFIX",
     "MARKER",
     "MODEL_INDEX",
     "MODEL_PREFIX",
@@ -53,6 +59,7 @@ TMP_INFIX = ".tmp-"
 REQUESTS_DIR = ".ckpt-requests"
 REQUEST_SUFFIX = ".request.json"
 OUTCOME_SUFFIX = ".outcome.json"
+BLOB_REF_INFIX = ".ref-"
 
 
 def default_name(step: int) -> str:

@@ -108,8 +108,10 @@ class Reader:
         where = self._where(info, rel)
         if entry is None:
             raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
+        if entry.blob is not None:  # stored once for every checkpoint naming it; untrusted all the same
+            where = f"{where} (stored once at {self.storage.display(entry.location(info.name))})"
         try:
-            with self.storage.open_read(f"{info.name}/{entry.path}") as raw:
+            with self.storage.open_read(entry.location(info.name)) as raw:
                 stream = _HashingReader(raw, entry.size)
                 yield stream
                 if verify:
@@ -343,7 +345,8 @@ class Reader:
                     stream.drain()
                     size = stream.size + _count_rest(stream.raw)
             except CorruptCheckpointError:
-                problems.append(f"{entry.path}: missing")
+                shared = f" (its shared copy {entry.location(info.name)})" if entry.blob else ""
+                problems.append(f"{entry.path}: missing{shared}")
                 continue
             if size != entry.size:
                 problems.append(f"{entry.path}: size {size} != {entry.size} in the sidecar")
@@ -420,8 +423,8 @@ class Reader:
         if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
             raise InvalidArgumentError(f"expires must be a positive number of seconds, got {expires!r}")
         urls = {}
-        for rel in [f.path for f in info.files] + [SIDECAR]:
-            urls[rel] = self.storage.sign(f"{info.name}/{rel}", expires)
+        for rel, at in [(f.path, f.location(info.name)) for f in info.files] + [(SIDECAR, f"{info.name}/{SIDECAR}")]:
+            urls[rel] = self.storage.sign(at, expires)
         return urls
 
 

@@ -53,6 +53,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 SIDECAR_NAME = "checkpoint.json"
+BLOBS_DIR = ".ckpt-blobs"  # object stores: frozen files stored once, by sha256 (see _blobs.py)
 CHECKPOINT_TYPES = ("automatic", "best", "manual", "final")
 MONITOR_MODES = ("min", "max")
 RESERVED_NAMES = frozenset({"latest", "best", "final"})
@@ -163,6 +164,11 @@ class FileEntry:
     raw_size: int | None = None
     shared: bool = False
     raw_sha256: str | None = None  # of the decoded bytes, for compressed files that may be stored once
+    blob: str | None = None  # object stores: the bytes live at ``ROOT/.ckpt-blobs/<blob>`` (equal to ``sha256``)
+
+    def location(self, name: str) -> str:
+        """Where the stored bytes are, relative to the root: ``NAME/<path>``, or the blob area for a blob entry."""
+        return f"{BLOBS_DIR}/{self.blob}" if self.blob is not None else f"{name}/{self.path}"
 
     @property
     def logical_path(self) -> str:
@@ -181,6 +187,8 @@ class FileEntry:
                 out["rawSha256"] = self.raw_sha256
         if self.shared:
             out["shared"] = True
+        if self.blob is not None:
+            out["blob"] = self.blob
         return out
 
 
@@ -642,6 +650,10 @@ class _Checker:
                 raise SidecarError(f"{at}: 'rawSha256' must be 64 lowercase hex digits, got {_short(raw_sha)}")
             if not isinstance(shared, bool):
                 raise SidecarError(f"{at}: 'shared' must be true or false, got {_short(shared)}")
+            blob = item.get("blob")
+            if "blob" in item and blob != sha:
+                raise SidecarError(f"{at}: 'blob' must equal the file's sha256 (64 lowercase hex digits), "
+                                   f"got {_short(blob)}")
             logical = path[: -len(CODEC_SUFFIX)] if codec is not None else path
             for key in {path, logical}:
                 if key in seen:
@@ -649,7 +661,7 @@ class _Checker:
                 seen.add(key)
             entries.append(FileEntry(path=path, size=int(size), sha256=sha, codec=codec,
                                      raw_size=None if codec is None or raw_size is None else int(raw_size),
-                                     shared=shared, raw_sha256=raw_sha))
+                                     shared=shared, raw_sha256=raw_sha, blob=blob))
         for path in seen:  # "a" and "a/b" cannot both be files
             parent = path.rpartition("/")[0]
             while parent:

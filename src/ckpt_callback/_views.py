@@ -286,7 +286,7 @@ def flexai_document(info: CheckpointInfo, *, root: str, path: str) -> dict[str, 
             "sizeBytes": info.size,  # as stored (compressed files by their compressed size)
             "logicalSize": human_size(info.logical_size),
             "logicalSizeBytes": info.logical_size,  # once decoded
-            "sharedSizeBytes": info.shared_size,  # stored once with other checkpoints (hard links)
+            "sharedSizeBytes": info.shared_size,  # stored once with other checkpoints (hard links, blobs)
             "files": [_file_view(f) for f in info.files],
             "metadata": {
                 "name": info.name,
@@ -310,4 +310,6 @@ def _file_view(f: Any) -> dict[str, Any]:
         out.update(codec=f.codec, logicalPath=f.logical_path, rawSizeBytes=f.raw_size)
     if f.shared:
         out["shared"] = True
+    if f.blob is not None:
+        out["storedAt"] = f.location("")  # the object store's shared copy: .ckpt-blobs/<sha256>
     return out

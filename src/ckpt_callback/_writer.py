@@ -12,6 +12,7 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook must be registered before ours
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -285,8 +286,11 @@ class Writer:
 
         Its size is known without writing it; only when a committed file of that size (and codec)
         exists is it hashed (one pass over the frozen bytes, nothing written) and, on a match, made
-        a hard link (local) or a server-side copy (object stores) of that file.
+        a hard link of that file (local roots; object stores keep such files once in the blob area:
+        `_write_blob`).
         """
+        if not self.commit.storage.is_local:
+            return self._write_blob(txn, filename, tensors, metadata, committed)
         wanted = codec.CODEC if self.compression else None
         size = safetensors_size(tensors, metadata)
         candidates = [(i, e) for i in committed for e in i.files
@@ -299,6 +303,30 @@ class Writer:
                 return FileEntry(rel, entry.size, entry.sha256, codec=entry.codec, raw_size=entry.raw_size,
                                  raw_sha256=entry.raw_sha256, shared=self.commit.storage.is_local)
         return self._write_tensors(txn, filename, tensors, metadata, raw_hash=True)
+
+    def _write_blob(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                    committed: list[CheckpointInfo]) -> FileEntry:
+        """Object stores: a file of frozen tensors kept once in the blob area (`_blobs`), named by the sidecar.
+
+        The same data as a committed checkpoint's blob (found as in `_write_frozen`) is not
+        uploaded again; otherwise the file is written into the checkpoint's folder as usual and
+        copied server-side into the blob area (or found there already). If the blob cannot be
+        made whole the file simply stays in the folder.
+        """
+        wanted = codec.CODEC if self.compression else None
+        size = safetensors_size(tensors, metadata)
+        candidates = [e for i in committed for e in i.files if e.blob is not None
+                      and e.codec == wanted and e.logical_size == size and (wanted is None or e.raw_sha256)]
+        sha = safetensors_sha256(tensors, metadata) if candidates else None
+        rel = codec.stored_path(filename, wanted)
+        for entry in candidates:
+            if (entry.raw_sha256 if wanted else entry.sha256) == sha and txn.hold_blob(entry.sha256, entry.size):
+                return FileEntry(rel, entry.size, entry.sha256, codec=entry.codec, raw_size=entry.raw_size,
+                                 raw_sha256=entry.raw_sha256, shared=True, blob=entry.sha256)
+        written = self._write_tensors(txn, filename, tensors, metadata, raw_hash=True)
+        if txn.hold_blob(written.sha256, written.size, staged=written.path):
+            return dataclasses.replace(written, shared=True, blob=written.sha256)
+        return written
 
     def _write_tensors(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor],
                        metadata: dict[str, str], *, raw_hash: bool = False) -> FileEntry:
