@@ -105,7 +105,6 @@ def test_frozen_base_of_an_hf_model_loads_with_from_pretrained(backend: str, tmp
     from transformers import AutoModelForCausalLM
 
     from ckpt_callback import export_checkpoint
-    from ckpt_callback._pretrained import hf_state
     from conftest import make_root
     from test_hf import PROBE, live_logits, tiny_model, tiny_tokenizer
 
