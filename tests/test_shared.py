@@ -278,12 +278,12 @@ def test_a_save_reusing_a_blob_keeps_it_while_its_last_other_referrer_is_deleted
     from ckpt_callback._commit import Transaction
     from conftest import make_root
 
-    monkeypatch.setenv(_blobs.GRACE_ENV, "1")
+    monkeypatch.setenv(_blobs.GRACE_ENV, "4")  # longer than the save takes on a loaded machine
     root = make_root(backend, tmp_path, request)
     net = FrozenBase()
     CheckpointManager(root, keep_last=None).save(net, step=1)
     blob = next(f for f in CheckpointManager(root).get("checkpoint-1").files if f.blob)
-    time.sleep(1.2)  # X is now older than the grace period
+    time.sleep(4.2)  # X is now older than the grace period
     original = Transaction._check_still_ours
     freed: list[list[str]] = []
 
