@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import textwrap
 import uuid
 import warnings
@@ -376,13 +377,6 @@ def test_mid_epoch_resume_is_exact_as_with_the_trainers_own_checkpoints(tmp_path
                                                                          straight: dict[str, torch.Tensor]):
     """Shuffled data, dropout, preempted at step 6 of 4-step epochs: the Trainer's own checkpoint-6 and ours
     both resume to the straight run's parameters; a `stateful` object comes back with its count."""
-    native = tiny_trainer(str(tmp_path / "native"), [Preempt(after=6)], save_steps=6)
-    with pytest.raises(KeyboardInterrupt):
-        native.train()
-    again = tiny_trainer(str(tmp_path / "native"), [], save_steps=6)
-    again.train(resume_from_checkpoint=str(tmp_path / "native" / "checkpoint-6"))
-    assert_same_parameters(dict(again.model.named_parameters()), straight)
-
     root, counter = str(tmp_path / "ckpts"), StepCounter()
     first = tiny_trainer(str(tmp_path / "out"), [counter, CheckpointCallback(root, stateful={"steps": counter}),
                                                  Preempt(after=6)], save_steps=6)
@@ -394,3 +388,13 @@ def test_mid_epoch_resume_is_exact_as_with_the_trainers_own_checkpoints(tmp_path
     ours.train(resume_from_checkpoint=callback.resume_from())
     assert_same_parameters(dict(ours.model.named_parameters()), straight)
     assert counter.count == 12
+    native = tiny_trainer(str(tmp_path / "native"), [Preempt(after=6)], save_steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        native.train()
+    again = tiny_trainer(str(tmp_path / "native"), [], save_steps=6)
+    try:
+        again.train(resume_from_checkpoint=str(tmp_path / "native" / "checkpoint-6"))
+    except pickle.UnpicklingError:  # older transformers torch.load their own rng_state.pth under weights_only=True
+        pytest.skip("this transformers cannot resume from its own checkpoint under torch's weights_only default "
+                    "(ours resumed exactly, above)")
+    assert_same_parameters(dict(again.model.named_parameters()), straight)
