@@ -315,3 +315,23 @@ def test_the_adapter_key_of_the_sidecar_round_trips_and_rejects_hostile_values()
     for bad in ("LORA", {"type": 3}, {"type": "LORA", "merged": "../outside"}, {"type": "LORA", "baseModel": 1}):
         with pytest.raises(SidecarError, match="adapter"):
             CheckpointInfo.from_json({**doc, "adapter": bad})
+
+
+def test_export_of_a_compressed_adapter_checkpoint_is_a_plain_adapter_folder(tmp_path: Path) -> None:
+    """Compressed adapter files are decoded on export: peft reads the folder as it saves it."""
+    pytest.importorskip("peft")
+    import os
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ckpt_callback import export_checkpoint
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn"]))
+    info = CheckpointManager(str(tmp_path / "r"), compression="zstd").save(model, step=1)
+    assert any(f.codec for f in info.files)
+    out = export_checkpoint(str(tmp_path / "r"), "latest", tmp_path / "out")
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    PeftModel.from_pretrained(GPT2LMHeadModel(config), str(out))

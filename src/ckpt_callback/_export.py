@@ -103,14 +103,15 @@ def _export_adapter(manager: Any, info: Any, target: Path, dtype: str | None) ->
     from safetensors.torch import load_file, save_file
 
     merged = info.adapter.merged
+    paths = [f.logical_path for f in info.files]  # a compressed file by its decoded name: it is decoded below
     if merged:
-        wanted = [f.path for f in info.files if f.path.startswith(merged + "/")]
+        wanted = [p for p in paths if p.startswith(merged + "/")]
     else:
-        wanted = [f.path for f in info.files if f.path not in _LEFT_OUT and not is_training_part(f.path)]
+        wanted = [p for p in paths if p not in _LEFT_OUT and not is_training_part(p)]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
-        copied = manager.download(info.name, staging / "files", include=wanted, progress=False)
+        copied = manager.download(info.name, staging / "files", include=wanted, progress=False, decompress=True)
         (copied / SIDECAR).unlink()
         folder = copied / merged if merged else copied
         if dtype is not None:
