@@ -15,6 +15,7 @@ from ckpt_callback._catalog import stored_total
 from ckpt_callback._layout import MARKER
 from ckpt_callback._serialization import frozen_names, parse_index, plan_model_files
 from ckpt_callback._sidecar import CheckpointInfo, FileEntry
+from conftest import CLOUD_BACKENDS
 
 
 class FrozenBase(torch.nn.Module):
@@ -298,3 +299,48 @@ def test_a_save_reusing_a_blob_keeps_it_while_its_last_other_referrer_is_deleted
     assert freed == [[]] and next(f for f in info.files if f.blob) == blob
     assert f".ckpt-blobs/{blob.blob}" in _objects(root, request)
     assert CheckpointManager(root).verify("checkpoint-2")[0].ok
+
+
+@pytest.mark.parametrize("backend", ["memory", *CLOUD_BACKENDS])
+def test_what_a_killed_save_left_in_the_blob_area_ages_out_on_every_store(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A killed save's marker and unreferenced blob are freed once older than the grace, and kept before.
+
+    Ages come from each driver's listing (adlfs spells the time ``last_modified``, which an earlier
+    version did not read: on Azure nothing ever aged, so nothing a killed save left was freed).
+    """
+    from conftest import make_root
+
+    root = make_root(backend, tmp_path, request)
+    m = CheckpointManager(root)
+    net = FrozenBase()
+    kept = next(f for f in m.save(net, step=1).files if f.blob)
+    storage = m._storage
+    orphan = "ab" * 32
+    storage.write_bytes_atomic(_blobs.blob_path(orphan), b"x" * 10)
+    storage.write_bytes_atomic(_blobs.ref_path(orphan, "killed"), b"{}")
+    storage.write_bytes_atomic(_blobs.ref_path(kept.blob, "killed"), b"{}")  # a killed save reusing a live blob
+    assert _blobs.collect(storage, grace=30) == []  # all younger than the grace: a live save may own them
+    time.sleep(2.5)  # Azure's listing times are whole seconds
+    freed = _blobs.collect(storage, grace=2)
+    assert sorted(freed) == sorted([_blobs.blob_path(orphan), _blobs.ref_path(orphan, "killed"),
+                                    _blobs.ref_path(kept.blob, "killed")])
+    assert set(_blobs.present(storage)) == {kept.blob} and m.verify("checkpoint-1")[0].ok
+
+
+@pytest.mark.parametrize("detail", [
+    {"mtime": 1_700_000_000.5},  # local
+    {"created": 1_700_000_000.5},  # memory
+    {"LastModified": "datetime"},  # s3fs
+    {"last_modified": "datetime", "creation_time": "datetime"},  # adlfs
+    {"updated": "2023-11-14T22:13:20.5Z"},  # gcsfs JSON, when it gives no mtime
+])
+def test_every_drivers_listing_time_is_read(detail: dict) -> None:
+    from datetime import datetime, timezone
+
+    from ckpt_callback._commit import _seconds
+
+    when = datetime.fromtimestamp(1_700_000_000.5, tz=timezone.utc)
+    detail = {k: when if v == "datetime" else v for k, v in detail.items()}
+    assert _seconds(detail) == pytest.approx(1_700_000_000.5)
+    assert _seconds({"size": 3}) is None

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from . import _blobs
@@ -123,12 +124,26 @@ class Lease:
 
 
 def _seconds(detail: dict[str, Any]) -> float | None:
-    """A listing entry's modification time as a unix time (local, memory and S3 spell it differently)."""
-    value = detail.get("mtime") or detail.get("LastModified") or detail.get("created")
-    if isinstance(value, int | float):
-        return float(value)
-    timestamp = getattr(value, "timestamp", None)
-    return float(timestamp()) if callable(timestamp) else None
+    """A listing entry's modification time as a unix time; None when the driver gives none.
+
+    Each driver spells it its own way: local ``mtime`` (float), memory ``created``, s3fs
+    ``LastModified``, gcsfs ``mtime``/``updated`` (datetime or ISO text), adlfs ``last_modified``.
+    """
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "creation_time"):
+        value = detail.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        timestamp = getattr(value, "timestamp", None)
+        if callable(timestamp):
+            if getattr(value, "tzinfo", True) is None:
+                value = value.replace(tzinfo=timezone.utc)  # drivers give UTC; a naive one is UTC too
+            return float(value.timestamp())
+    return None
 
 
 class _LeaseKeeper:
