@@ -124,6 +124,9 @@ class LoopbackServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
         """SIGKILL the server (a crash); the data folder stays."""
         self._signal(signal.SIGKILL, 10)
