@@ -303,7 +303,8 @@ def main() -> None:
         "GPT-2 small fp32, embeddings and blocks 0-9 frozen (requires_grad=False), blocks 10-11 and ln_f "
         "trained with AdamW; all 10 checkpoints kept. `10 full copies` is the same run with `frozen=()`; "
         "ratios against the uncompressed full copies on the same storage. Locally the frozen shard is a hard link "
-        "(every folder stays self-contained); on S3 it is a server-side copy: no upload, but stored again.",
+        "(every folder stays self-contained); on S3 it is stored once in `ROOT/.ckpt-blobs/<sha256>` and named by "
+        "each sidecar that uses it. S3 bytes are the sizes of every object under the root, blobs included.",
         "",
         table(["storage", "measured as", "compression", "layout", "stored MB", "logical MB", "vs full copies",
                "10 saves s"], frozen),

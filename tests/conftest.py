@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +428,41 @@ def sidecarless_folders(root: str, request: pytest.FixtureRequest | None = None)
         else:
             bad.append(f"{folder}/ ({len(inside)} files, no checkpoint.json: {sorted(inside)[:5]})")
     return bad
+
+
+def kill_mid_upload(storage: Any, kill: Callable[[], None], folder: str, after: int = 16 << 20) -> None:
+    """Call ``kill`` (SIGKILL a storage server) once ``after`` bytes of the first weights file under
+    ``folder`` have been handed to the upload; later writes go through untouched.
+
+    Tied to the bytes, not to a timer: a 0.4 s timer missed a save that took 0.35 s on an idle machine.
+    By then S3 has sent parts of 8 MiB, Azure has staged blocks of 6 MiB, GCS holds the bytes in its
+    50 MiB resumable chunk.
+    """
+    write_stream = storage.write_stream
+    killed = False
+
+    def dying(rel: str, produce: Callable[[Any], Any]) -> Any:
+        if killed or folder not in rel or not rel.endswith(".safetensors"):
+            return write_stream(rel, produce)
+
+        def produce_through_tap(f: Any) -> Any:
+            written = 0
+
+            class Tap:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(f, name)
+
+                def write(self, data: Any) -> int:
+                    nonlocal killed, written
+                    n = f.write(data)
+                    written += n
+                    if written >= after and not killed:
+                        killed = True
+                        kill()
+                    return n
+
+            return produce(Tap())
+
+        return write_stream(rel, produce_through_tap)
+
+    storage.write_stream = dying

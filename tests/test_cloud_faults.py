@@ -23,7 +23,7 @@ from _emulator import LoopbackServer
 from _gcsserver import GcsEmulator, find_gcs_emulator
 from ckpt_callback import CheckpointError, CheckpointHook, CheckpointManager, StorageError
 from ckpt_callback._storage import AZURE_RETRY, GCS_REQUEST_ATTEMPTS, Storage
-from conftest import CLOUD_BACKENDS, make_root
+from conftest import CLOUD_BACKENDS, kill_mid_upload, make_root
 
 BUCKET = "faults"
 BACKENDS = [pytest.param("gcs", marks=pytest.mark.gcs), pytest.param("azure", marks=pytest.mark.azure)]
@@ -52,42 +52,6 @@ def big_model() -> nn.Module:
     return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])  # ~34 MB of float32: seconds to upload
 
 
-def kill_mid_upload(storage: Storage, emulator: LoopbackServer, folder: str) -> None:
-    """SIGKILL ``emulator`` once half of the first weights file under ``folder`` has been handed to the upload.
-
-    Tied to the bytes, not to a timer: a 0.4 s timer missed a save that took 0.35 s on an idle machine.
-    GCS has taken the first bytes into its 50 MiB resumable chunk, Azure has staged blocks of 6 MiB.
-    """
-    write_stream = storage.write_stream
-
-    def dying(rel: str, produce):
-        if folder not in rel or not rel.endswith(".safetensors") or not emulator.alive():
-            return write_stream(rel, produce)
-        written = 0
-
-        class Tap:
-            def __getattr__(self, name):
-                return getattr(target, name)
-
-            def write(self, data) -> int:
-                nonlocal written
-                n = target.write(data)
-                written += n
-                if written >= (16 << 20) and emulator.alive():
-                    emulator.kill()
-                return n
-
-        def produce_through_tap(f):
-            nonlocal target
-            target = f
-            return produce(Tap())
-
-        target = None
-        return write_stream(rel, produce_through_tap)
-
-    storage.write_stream = dying
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("server", BACKENDS, indirect=True)
 def test_server_killed_mid_upload(server, caplog):
@@ -103,10 +67,10 @@ def test_server_killed_mid_upload(server, caplog):
         # SIGKILL sooner loses what it acknowledged. Real Azure does not; give it the 5 s.
         time.sleep(6)
 
-    kill_mid_upload(hook.manager._storage, emulator, "checkpoint-2")
+    kill_mid_upload(hook.manager._storage, emulator.kill, "checkpoint-2")
     started = time.monotonic()
     assert hook.step(2, loss=0.9) is None  # the save failed ...
-    assert not emulator.alive()
+    assert not emulator.alive()  # it died during the save
     failed_after = time.monotonic() - started
     # ... was logged with the checkpoint's name and the reason, and training went on
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -259,8 +259,8 @@ def test_a_hung_launch_fails_in_time_and_leaves_no_process(tmp_path: Path):
     script = tmp_path / "hang.py"
     script.write_text(HANG_SCRIPT)
     started = time.monotonic()
-    with pytest.raises(AssertionError, match="did not finish in 15s"):
-        torchrun(script, timeout=15)
+    with pytest.raises(AssertionError, match="did not finish in 10s"):
+        torchrun(script, timeout=10)
     assert time.monotonic() - started < 60
     workers = [int(p.read_text()) for p in tmp_path.glob("reports-*/pid-*")]
     assert len(workers) == 2 and not [pid for pid in workers if alive(pid)]
