@@ -87,13 +87,13 @@ def test_module_state_that_needs_pickle_is_refused_by_name(tmp_path: Path, monke
         run(str(tmp_path / "r"), seed=0, total=5, stop=None, stateful=False)
 
 
-@pytest.mark.skipif(not os.environ.get("CKPT_LIGHTNING_DDP"), reason="3 two-process DDP runs take ~4 min on 2 cores: "
+@pytest.mark.skipif(not os.environ.get("CKPT_LIGHTNING_DDP"), reason="9 two-process DDP runs take ~2 min on 2 cores: "
                     "set CKPT_LIGHTNING_DDP=1")
-@pytest.mark.parametrize(("stop", "loader"), [(5, "0"), (3, "torch-sampler")],
-                         ids=["epoch-boundary", "mid-first-epoch-stateful-loader"])
+@pytest.mark.parametrize(("stop", "loader"), [(5, "0"), (3, "torch-sampler"), (7, "torch-sampler")],
+                         ids=["epoch-boundary", "mid-first-epoch-stateful-loader", "mid-second-epoch-stateful-loader"])
 def test_ddp_two_processes_resume_exactly(tmp_path: Path, stop: int, loader: str):
-    """40 samples / 2 ranks / batch 4: 5 steps an epoch. Mid-epoch is exact in the first epoch only: from the
-    second on, Lightning makes the resumed iterator before it calls the DistributedSampler's set_epoch."""
+    """40 samples / 2 ranks / batch 4: 5 steps an epoch. Mid-way through the second epoch Lightning makes the
+    resumed iterator before it calls the DistributedSampler's set_epoch; the callback makes it again."""
     script = str(Path(__file__).parent / "_lightning_run.py")
 
     def ddp(root: str, stop: int, out: str) -> None:

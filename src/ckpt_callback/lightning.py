@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -81,6 +82,7 @@ class LightningCheckpoint(Callback):
         self._pending: tuple[str, str | None, bool] | None = None  # (type, description, at epoch end) of a save
         self._rng: Any = None  # RNG states to put back when the resumed run starts training
         self._rng_at_epoch = False
+        self._loader_states: list[Any] = []  # the resumed train loaders' states, for `_iterate_at_the_saved_epoch`
         self._trainer: Any = None
 
     # --- resuming -------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ class LightningCheckpoint(Callback):
         # at the next epoch's start, before its shuffle (as in the run that saved it).
         self._rng = training.values.get("rng")
         self._rng_at_epoch = bool(saved.get("_ckpt_at_epoch_end", False))
+        self._loader_states = _loader_states(saved)
         self.manager.resumed(info)
         self.trigger.reset(info.step)
         logger.info("resuming from %s (step %d)", info.name, info.step)
@@ -130,8 +133,10 @@ class LightningCheckpoint(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._rng is not None and not self._rng_at_epoch:
+            _iterate_at_the_saved_epoch(trainer, self._loader_states)
             restore_rng(self._rng)
             self._rng = None
+        self._loader_states = []
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._rng is not None:
@@ -249,6 +254,40 @@ class _CheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+def _loader_states(saved: dict[str, Any]) -> list[Any]:
+    """The train loaders' states in Lightning's checkpoint dict (its fit loop keeps them), else []."""
+    try:
+        states = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    except (KeyError, TypeError):
+        return []
+    return copy.deepcopy(list(states)) if isinstance(states, list | tuple) else []  # Lightning consumes its own
+
+
+def _iterate_at_the_saved_epoch(trainer: Any, states: list[Any]) -> None:
+    """Make a resumed train iterator again once its sampler knows the epoch, when it did not.
+
+    Lightning (2.6, ``FitLoop.setup_data``) loads the loaders' states and makes the iterator before
+    ``on_advance_start`` calls the samplers' ``set_epoch``: under DDP a ``DistributedSampler`` resumed
+    mid-way through epoch 2 or later then replays epoch 0's order. Here (``on_train_start``, called
+    right after) the epoch is set, the states loaded again and the iterator made again, as it would
+    have been with the epoch known. Private attributes: if Lightning moves them, nothing is done.
+    """
+    fit_loop = trainer.fit_loop
+    combined, fetcher = getattr(fit_loop, "_combined_loader", None), getattr(fit_loop, "_data_fetcher", None)
+    if not states or combined is None or fetcher is None:
+        return
+    epoch = fit_loop.epoch_progress.current.processed
+    samplers = [s for dl in combined.flattened
+                for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None))
+                if callable(getattr(s, "set_epoch", None)) and isinstance(getattr(s, "epoch", None), int)]
+    if all(s.epoch == epoch for s in samplers):
+        return
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    combined._load_state_dicts(states)
+    iter(fetcher)
 
 
 def _validates_now(trainer: Any) -> bool:
