@@ -12,10 +12,12 @@ next to DEST and renamed into place, so DEST is never half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +81,14 @@ def export_checkpoint(
         raise InvalidArgumentError(
             f"checkpoint {info.name!r} in {manager.root} has no config.json, so it is not an HF model folder; "
             "'ckpt download' copies its files as they are")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    try:
+    with _staging(target) as staging:
         extra = [p for p in paths if p not in _LEFT_OUT and not is_model_weights(p) and not is_training_part(p)]
         copied = manager.download(info.name, staging / "files", include=extra, progress=False, decompress=True)
         (copied / SIDECAR).unlink()
         _write_weights(_dedupe(_cast(manager.load(info.name), dtype)), copied, max_shard_size)
         if dtype is not None:
             _set_config_dtype(copied / "config.json", dtype)
-        if target.exists():
-            _merge(copied, target)
-        else:
-            os.replace(copied, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _place(copied, target)
     return target
 
 
@@ -108,9 +103,7 @@ def _export_adapter(manager: Any, info: Any, target: Path, dtype: str | None) ->
         wanted = [p for p in paths if p.startswith(merged + "/")]
     else:
         wanted = [p for p in paths if p not in _LEFT_OUT and not is_training_part(p)]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    try:
+    with _staging(target) as staging:
         copied = manager.download(info.name, staging / "files", include=wanted, progress=False, decompress=True)
         (copied / SIDECAR).unlink()
         folder = copied / merged if merged else copied
@@ -119,13 +112,27 @@ def _export_adapter(manager: Any, info: Any, target: Path, dtype: str | None) ->
                 save_file(_dedupe(_cast(load_file(str(path)), dtype)), str(path), metadata={"format": "pt"})
             if (folder / "config.json").exists():
                 _set_config_dtype(folder / "config.json", dtype)
-        if target.exists():
-            _merge(folder, target)
-        else:
-            os.replace(folder, target)
+        _place(folder, target)
+    return target
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` (the same file system, so what is built there moves into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def _place(folder: Path, target: Path) -> None:
+    """Move the finished ``folder`` to ``target``: renamed into place, or merged into an existing (forced) one."""
+    if target.exists():
+        _merge(folder, target)
+    else:
+        os.replace(folder, target)
 
 
 def _cast(state: dict[str, Any], dtype: str | None) -> dict[str, Any]:
