@@ -79,10 +79,12 @@ def data(seed: int, stateful: bool | str):
 
 
 def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool | str, devices: int = 1,
-        strategy: str = "auto", schedule: dict | None = None) -> Net:
+        strategy: str = "auto", schedule: dict | None = None, **options) -> Net:
+    """``options``: more `LightningCheckpoint` options (async_save, storage_options, ...)."""
     L.seed_everything(seed, verbose=False)
     model = Net()
-    cb = LightningCheckpoint(root, **(schedule or {"every_n_steps": stop or total}), monitor="val_loss", keep_last=2)
+    cb = LightningCheckpoint(root, **(schedule or {"every_n_steps": stop or total}), monitor="val_loss", keep_last=2,
+                             **options)
     trainer = L.Trainer(max_steps=total, callbacks=[cb, CrashAt(stop)], enable_checkpointing=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=devices,
                         strategy=strategy, deterministic=True, val_check_interval=5, limit_val_batches=2,

@@ -44,6 +44,25 @@ def test_stopped_and_resumed_equals_never_stopped(tmp_path: Path, stop: int, sta
     assert "val_loss" in final.metrics and final.train_loss is not None
 
 
+@pytest.mark.parametrize("backend", ["memory", pytest.param("s3", marks=pytest.mark.s3)])
+def test_background_saves_on_object_stores_resume_exactly(backend: str, tmp_path: Path,
+                                                          request: pytest.FixtureRequest):
+    """async_save=True on memory:// and S3: the run crashes right after a background save is handed over."""
+    from conftest import make_root
+
+    options = {"async_save": True}
+    if backend == "s3":
+        options["storage_options"] = dict(request.getfixturevalue("s3_server").storage_options)
+    straight = run(make_root(backend, tmp_path / "a", request), seed=0, total=17, stop=None, stateful=True, **options)
+    root = make_root(backend, tmp_path / "b", request)
+    run(root, seed=0, total=17, stop=13, stateful=True, **options)  # the crash waits for the save in flight
+    manager = CheckpointManager(root, storage_options=options.get("storage_options"))
+    assert [i.name for i in manager.list().data] == ["checkpoint-13"]
+    resumed = run(root, seed=7, total=17, stop=None, stateful=True, **options)
+    assert resumed.trainer.global_step == 17 and _equal(straight, resumed) == []
+    assert manager.get("final").step == 17 and manager.get("best").metric("val_loss") is not None
+
+
 def test_checkpoint_is_ours_and_listed(tmp_path: Path):
     run(str(tmp_path / "r"), seed=0, total=15, stop=None, stateful=False)
     folder = tmp_path / "r" / "checkpoint-15"
