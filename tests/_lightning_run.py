@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import warnings
 
@@ -51,6 +53,17 @@ class Net(L.LightningModule):
         self.seen = checkpoint["seen"]["count"]
 
 
+class SigtermAt(L.Callback):
+    """A real SIGTERM to this process when the batch after ``step`` starts (Lightning stops after that batch)."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class CrashAt(L.Callback):
     def __init__(self, step: int | None) -> None:
         self.step = step
@@ -79,13 +92,14 @@ def data(seed: int, stateful: bool | str):
 
 
 def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool | str, devices: int = 1,
-        strategy: str = "auto", schedule: dict | None = None, **options) -> Net:
+        strategy: str = "auto", schedule: dict | None = None, sigterm_at: int | None = None, **options) -> Net:
     """``options``: more `LightningCheckpoint` options (async_save, storage_options, ...)."""
     L.seed_everything(seed, verbose=False)
     model = Net()
     cb = LightningCheckpoint(root, **(schedule or {"every_n_steps": stop or total}), monitor="val_loss", keep_last=2,
                              **options)
-    trainer = L.Trainer(max_steps=total, callbacks=[cb, CrashAt(stop)], enable_checkpointing=False, logger=False,
+    trainer = L.Trainer(max_steps=total, callbacks=[cb, CrashAt(stop), SigtermAt(sigterm_at)],
+                        enable_checkpointing=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=devices,
                         strategy=strategy, deterministic=True, val_check_interval=5, limit_val_batches=2,
                         num_sanity_val_steps=0)

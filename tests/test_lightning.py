@@ -63,6 +63,30 @@ def test_background_saves_on_object_stores_resume_exactly(backend: str, tmp_path
     assert manager.get("final").step == 17 and manager.get("best").metric("val_loss") is not None
 
 
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_sigterm_saves_a_final_checkpoint_and_the_run_resumes_exactly(backend: str, tmp_path: Path,
+                                                                       request: pytest.FixtureRequest):
+    """A real SIGTERM in a separate process: Lightning stops at the next step boundary, a final is saved there."""
+    from conftest import make_root
+
+    options = {}
+    if backend == "s3":
+        options["storage_options"] = dict(request.getfixturevalue("s3_server").storage_options)
+    root = make_root(backend, tmp_path / "b", request)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _lightning_run import run; "
+            f"run({root!r}, seed=0, total=20, stop=None, stateful=True, sigterm_at=6, **{options!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "SIGTERM: saving a final checkpoint at step 7" in out.stderr, out.stderr[-3000:]
+    manager = CheckpointManager(root, storage_options=options.get("storage_options"))
+    final = manager.get("final")
+    assert (final.step, final.description) == (7, "stopped by SIGTERM at step 7")
+    straight = run(str(tmp_path / "a"), seed=0, total=20, stop=None, stateful=True)
+    resumed = run(root, seed=7, total=20, stop=None, stateful=True, **options)
+    assert resumed.trainer.global_step == 20 and _equal(straight, resumed) == []
+    with pytest.raises(InvalidArgumentError, match="SIGTERM only"):
+        LightningCheckpoint(root, save_on_signals=(2,))
+
+
 def test_checkpoint_is_ours_and_listed(tmp_path: Path):
     run(str(tmp_path / "r"), seed=0, total=15, stop=None, stateful=False)
     folder = tmp_path / "r" / "checkpoint-15"
@@ -91,8 +115,8 @@ def test_every_n_epochs_saves_at_epoch_ends_with_the_epochs_done(tmp_path: Path)
 
 def test_resume_from_is_none_on_an_empty_root(tmp_path: Path):
     assert LightningCheckpoint(str(tmp_path / "empty")).resume_from() is None
-    with pytest.raises(InvalidArgumentError, match="save_on_signals"):
-        LightningCheckpoint(str(tmp_path / "empty"), save_on_signals=())
+    with pytest.raises(InvalidArgumentError, match="check_requests_every"):
+        LightningCheckpoint(str(tmp_path / "empty"), check_requests_every=5)
     with pytest.raises(InvalidArgumentError, match="every_n_epochs"):
         LightningCheckpoint(str(tmp_path / "empty"), every_n_epochs=0)
 

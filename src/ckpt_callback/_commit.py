@@ -136,13 +136,17 @@ def _seconds(detail: dict[str, Any]) -> float | None:
         if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str):
-            with contextlib.suppress(ValueError):
+            try:
                 value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        timestamp = getattr(value, "timestamp", None)
-        if callable(timestamp):
-            if getattr(value, "tzinfo", True) is None:
+            except ValueError:
+                continue
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
                 value = value.replace(tzinfo=timezone.utc)  # drivers give UTC; a naive one is UTC too
-            return float(value.timestamp())
+            return value.timestamp()
+        timestamp = getattr(value, "timestamp", None)  # a datetime-like of another library
+        if callable(timestamp):
+            return float(timestamp())
     return None
 
 

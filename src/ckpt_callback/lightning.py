@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping
+import signal
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:  # the unified package first, the standalone one otherwise
@@ -55,6 +56,10 @@ class LightningCheckpoint(Callback):
         every_n_seconds: and/or every N seconds of wall time (decided by rank 0).
         stateful: name → object with ``state_dict()``/``load_state_dict()`` saved and restored too
             (Lightning already saves resumable dataloaders, the datamodule and stateful callbacks).
+        save_on_signals: ``(signal.SIGTERM,)`` (default) or ``()``. On SIGTERM Lightning stops the run
+            at the next step boundary (its SignalConnector, on every rank); a ``final`` checkpoint
+            described ``stopped by SIGTERM at step N`` is saved there first. Only SIGTERM: Ctrl-C
+            interrupts Lightning mid-step, and SIGUSR1 is its SLURM requeue signal.
         **manager_options: `CheckpointManager` options: keep_last, keep_best, monitor (any logged
             metric, e.g. ``val_loss``), mode, storage_options, async_save, on_commit, ...
 
@@ -65,18 +70,22 @@ class LightningCheckpoint(Callback):
 
     def __init__(self, root: str, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  every_n_seconds: float | None = None, stateful: Mapping[str, Any] | None = None,
-                 **manager_options: Any) -> None:
-        unsupported = sorted({"save_on_signals", "check_requests_every"} & set(manager_options))
-        if unsupported:
-            raise InvalidArgumentError(f"LightningCheckpoint does not take {', '.join(unsupported)} yet: Lightning "
-                                       "handles SIGTERM itself (its SignalConnector); use CheckpointHook or "
-                                       "CheckpointCallback for signal-triggered final checkpoints")
+                 save_on_signals: Sequence[int] = (signal.SIGTERM,), **manager_options: Any) -> None:
+        if "check_requests_every" in manager_options:
+            raise InvalidArgumentError("LightningCheckpoint does not take check_requests_every yet (`ckpt request` "
+                                       "is served by CheckpointHook and CheckpointCallback)")
+        if isinstance(save_on_signals, int) or not all(s == signal.SIGTERM for s in save_on_signals):
+            raise InvalidArgumentError(
+                f"LightningCheckpoint saves on SIGTERM only (save_on_signals=(signal.SIGTERM,) or ()), got "
+                f"{save_on_signals!r}: Lightning stops a run at the next step boundary on SIGTERM, where the state "
+                "is whole, while Ctrl-C interrupts it mid-step and SIGUSR1 is its SLURM requeue signal")
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise InvalidArgumentError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
         self.manager = CheckpointManager(root, **manager_options)
         self.trigger = SaveTrigger(every_n_steps, every_n_seconds)
         self.every_n_epochs = every_n_epochs if every_n_epochs or self.trigger.scheduled else 1
         self.stateful = check_stateful(stateful or {})
+        self.save_on_sigterm = bool(save_on_signals)
         self._writer_given = "writer" in manager_options
         self._deferred = False  # a save due at this step waits for the validation that follows it
         self._pending: tuple[str, str | None, bool] | None = None  # (type, description, at epoch end) of a save
@@ -178,7 +187,21 @@ class LightningCheckpoint(Callback):
             self.manager.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.manager.close()
+        try:
+            if self.save_on_sigterm and type(exception).__name__ == "SIGTERMException" and trainer.state.fn == "fit":
+                self._save_on_sigterm(trainer)
+        finally:
+            self.manager.close()
+
+    def _save_on_sigterm(self, trainer: Any) -> None:
+        """Lightning raises SIGTERMException at the step boundary after a SIGTERM, on every rank: save there."""
+        step = trainer.global_step
+        logger.warning("SIGTERM: saving a final checkpoint at step %d before Lightning stops the run", step)
+        try:
+            self._save(trainer, "final", description=f"stopped by SIGTERM at step {step}",
+                       at_epoch_end=_last_batch(trainer), scheduled=False)
+        except (SaveError, StorageError) as exc:  # the run stops anyway: say so, let Lightning's exception through
+            logger.error("SIGTERM: the final checkpoint at step %d was not saved: %s", step, exc)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.trigger.last_step}
@@ -279,7 +302,7 @@ def _iterate_at_the_saved_epoch(trainer: Any, states: list[Any]) -> None:
     if not states or combined is None or fetcher is None:
         return
     epoch = fit_loop.epoch_progress.current.processed
-    samplers = [s for dl in combined.flattened
+    samplers: list[Any] = [s for dl in combined.flattened
                 for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None))
                 if callable(getattr(s, "set_epoch", None)) and isinstance(getattr(s, "epoch", None), int)]
     if all(s.epoch == epoch for s in samplers):
