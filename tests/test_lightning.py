@@ -44,10 +44,11 @@ def test_stopped_and_resumed_equals_never_stopped(tmp_path: Path, stop: int, sta
     assert "val_loss" in final.metrics and final.train_loss is not None
 
 
-@pytest.mark.parametrize("backend", ["memory", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize("backend", ["memory"])
 def test_background_saves_on_object_stores_resume_exactly(backend: str, tmp_path: Path,
                                                           request: pytest.FixtureRequest):
-    """async_save=True on memory:// and S3: the run crashes right after a background save is handed over."""
+    """async_save=True on memory://: the run crashes right after a background save is handed over.
+    (On S3 the SIGTERM test below saves in the background.)"""
     from conftest import make_root
 
     options = {"async_save": True}
@@ -70,8 +71,8 @@ def test_sigterm_saves_a_final_checkpoint_and_the_run_resumes_exactly(backend: s
     from conftest import make_root
 
     options = {}
-    if backend == "s3":
-        options["storage_options"] = dict(request.getfixturevalue("s3_server").storage_options)
+    if backend == "s3":  # and in the background: the final save waits for the one in flight
+        options = {"storage_options": dict(request.getfixturevalue("s3_server").storage_options), "async_save": True}
     root = make_root(backend, tmp_path / "b", request)
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _lightning_run import run; "
             f"run({root!r}, seed=0, total=20, stop=None, stateful=True, sigterm_at=6, **{options!r})")
