@@ -202,3 +202,20 @@ def test_a_wrong_s3_endpoint_fails_after_few_attempts(capsys: pytest.CaptureFixt
     # 100 connections (76 s) before: 5 botocore attempts x 4 of ours (x s3fs's own retries of a hang-up);
     # now 24: 3 botocore attempts, none of ours for the first request (120 with ours), s3fs's remain.
     assert count[0] <= 30, err
+
+
+def test_list_inspect_delete_and_version_start_without_torch(tmp_path: Path) -> None:
+    """`ckpt --version`, `list`, `inspect` and `delete` never import torch (it alone takes seconds to import)."""
+    import sys
+
+    root = tmp_path / "r"
+    manager = CheckpointManager(str(root))
+    for step in (1, 2):
+        manager.save({"w": torch.ones(2)}, step=step, train_loss=1.0)
+    code = ("import sys\nfrom ckpt_callback._cli import main\ncode = main(sys.argv[1:])\n"
+            "print('exit', code, 'torch imported', 'torch' in sys.modules)")
+    for args in (["--version"], ["list", str(root)], ["list", str(root), "--json"], ["inspect", str(root), "latest"],
+                 ["inspect", str(root), "checkpoint-1", "--json"], ["delete", str(root), "checkpoint-1", "--yes"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert out.stdout.splitlines()[-1] == "exit 0 torch imported False", (args, out.stderr[-2000:])
+    assert [i.name for i in manager.list()] == ["checkpoint-2"]

@@ -23,17 +23,28 @@ from ._errors import (
     StorageError,
     UnsupportedSourceError,
 )
-from ._export import export_checkpoint
-from ._hook import CheckpointHook
-from ._import import import_checkpoints
 from ._manager import CheckpointManager, CheckpointRequest, VerifyResult
 from ._policy import RetentionPolicy, SavePolicy
-from ._sampler import ResumableSampler
 from ._sidecar import CheckpointInfo, FileEntry
 from ._trackers import MlflowLink, WandbLink
 
 if TYPE_CHECKING:
+    from ._export import export_checkpoint as export_checkpoint
     from ._hf import CheckpointCallback as CheckpointCallback
+    from ._hook import CheckpointHook as CheckpointHook
+    from ._import import import_checkpoints as import_checkpoints
+    from ._sampler import ResumableSampler as ResumableSampler
+
+# Names whose modules import torch (or transformers) are loaded when first asked for, so that
+# `ckpt list` and `ckpt inspect` start without torch (`CheckpointManager` imports it when it
+# saves or loads tensors).
+_LAZY = {
+    "CheckpointCallback": "._hf",
+    "CheckpointHook": "._hook",
+    "ResumableSampler": "._sampler",
+    "export_checkpoint": "._export",
+    "import_checkpoints": "._import",
+}
 
 __version__ = "0.1.0"
 
@@ -71,9 +82,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # CheckpointCallback imports transformers, so it is loaded only when asked for.
-    if name == "CheckpointCallback":
-        from ._hf import CheckpointCallback
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckpt_callback' has no attribute {name!r}")
+    import importlib
 
-        return CheckpointCallback
-    raise AttributeError(f"module 'ckpt_callback' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # asked once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

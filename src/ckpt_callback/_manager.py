@@ -11,19 +11,18 @@ import builtins
 import fnmatch
 import logging
 import os
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ._catalog import Catalog, CheckpointPage, CheckpointSummary, CheckpointWarning, stored_total
 from ._codec import check_compression
 from ._commit import CommitProtocol
-from ._distributed import agree, checkpoint_group, from_rank0, is_writer
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -34,12 +33,8 @@ from ._errors import (
 )
 from ._layout import default_name
 from ._policy import newest
-from ._pretrained import plan_save
-from ._reader import Reader
 from ._requests import CheckpointRequest, RequestChannel
 from ._retention import Retention
-from ._serialization import frozen_names
-from ._sharded import ShardedState, is_sharded
 from ._sidecar import (
     RESERVED_NAMES,
     Adapter,
@@ -53,8 +48,14 @@ from ._sidecar import (
 )
 from ._storage import Storage
 from ._trackers import check_callables, notify
-from ._training import TrainingState, describe_model, model_state, unwrap_model
-from ._writer import SaveJob, Writer
+
+# What saves and loads tensors imports torch; listing, inspecting, deleting and pruning do not, so
+# `ckpt list` and `ckpt inspect` start without it. Those parts are imported where they are used.
+if TYPE_CHECKING:
+    import torch
+
+    from ._reader import Reader
+    from ._writer import Writer
 
 __all__ = ["CheckpointManager", "CheckpointPage", "CheckpointRequest", "CheckpointSummary", "CheckpointWarning",
            "VerifyResult"]
@@ -156,7 +157,6 @@ class CheckpointManager:
         self._local_root = storage.root
         self._commit = CommitProtocol(storage)
         self._catalog = Catalog(storage)
-        self._reader = Reader(storage)
         self._retention = Retention(self._commit, self._catalog, keep_last=keep_last, keep_best=keep_best,
                                     monitor=monitor, mode=mode)
         self.on_commit = check_callables(on_commit, "on_commit")
@@ -164,16 +164,34 @@ class CheckpointManager:
             bind = getattr(callback, "bind", None)
             if callable(bind):
                 bind(self._root)
-        self._writer = Writer(self._commit, max_shard_size=max_shard_size, save_threads=save_threads,
-                              on_commit=self._committed, compression=self.compression,
-                              compression_level=level, committed=self._catalog.recent)
+        self._writer_options: dict[str, Any] = {"max_shard_size": max_shard_size, "save_threads": save_threads,
+                                "compression": self.compression, "compression_level": level}
         self._check_writable = storage.check_writable
         self.requests = RequestChannel(storage)  # checkpoints asked for from outside (see request())
         self.async_save = bool(async_save)
-        self.writer = is_writer() if writer is None else bool(writer)
+        self.writer = _rank0() if writer is None else bool(writer)
         self.run_id = uuid.uuid4().hex
         self._recovered = False
         self._warned_monitor = False
+
+    @cached_property
+    def _reader(self) -> Reader:
+        from ._reader import Reader
+
+        return Reader(self._storage)
+
+    @cached_property
+    def _writer(self) -> Writer:
+        """The write pipeline, made at the first save (with its background thread and staging buffers)."""
+        from ._writer import Writer
+
+        return Writer(self._commit, on_commit=self._committed, committed=self._catalog.recent,
+                      **self._writer_options)
+
+    def _settle_writes(self) -> None:
+        """Let a background save in flight finish first (nothing to do before the first save)."""
+        if "_writer" in self.__dict__:
+            self._writer.settle_previous()
 
     def _committed(self, info: CheckpointInfo) -> CheckpointInfo:
         """A save committed ``info``: retention first, then the ``on_commit`` callables."""
@@ -214,7 +232,10 @@ class CheckpointManager:
                 self._check_writable()
             except Exception as exc:  # whatever it is, every rank must hear of it (none waits alone)
                 problem = str(exc) if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
-        problem = from_rank0(problem)
+        if "torch" in sys.modules:  # else there is no process group to tell
+            from ._distributed import from_rank0
+
+            problem = from_rank0(problem)
         if problem is not None:
             raise StorageError(problem)
 
@@ -292,6 +313,12 @@ class CheckpointManager:
                            for rel, data in (files or {}).items()}
         except CorruptCheckpointError as exc:
             raise InvalidArgumentError(str(exc).split(";")[0]) from exc
+        from ._pretrained import plan_save
+        from ._serialization import frozen_names
+        from ._sharded import is_sharded
+        from ._training import TrainingState, describe_model, model_state, unwrap_model
+        from ._writer import SaveJob
+
         module = unwrap_model(state)
         model = model_state(module)
         sharded = is_sharded(model)
@@ -325,7 +352,7 @@ class CheckpointManager:
         if existing is not None and plan.more_weights and (existing.adapter is None or not existing.adapter.merged):
             existing = None  # saved again, with the merged model, in place of the one of the same step
         if existing is not None:
-            self._writer.settle_previous()
+            self._settle_writes()
             promoted = self._retention.promote(existing, info)  # re-tagged (final, manual): trackers hear of it
             if promoted is not None:
                 notify(self.on_commit, promoted)
@@ -362,7 +389,11 @@ class CheckpointManager:
                       optimizer: Any, scheduler: Any, extra_state: Mapping[str, Any] | None,
                       rng: bool) -> CheckpointInfo | None:
         """A save of DTensor state: every rank calls it and writes its own shards (see `_sharded`)."""
-        self._writer.settle_previous()  # its collectives run on the same group: never two at once
+        from ._distributed import agree, checkpoint_group, from_rank0
+        from ._sharded import ShardedState
+        from ._writer import SaveJob
+
+        self._settle_writes()  # its collectives run on the same group: never two at once
         group = checkpoint_group()
         consolidate = self.consolidate == "always" or (self.consolidate == "final" and info.type == "final")
         existing, error = None, None
@@ -416,7 +447,7 @@ class CheckpointManager:
                                 train_loss=train_loss if train_loss is not None else info.train_loss,
                                 metrics={**info.metrics, **clean})
 
-        pending = self._writer.merge_inflight(step, merge)
+        pending = self._writer.merge_inflight(step, merge) if "_writer" in self.__dict__ else None
         if pending is not None:
             return pending  # the background writer has not written its sidecar yet
         revised = self._retention.update(step, merge)
@@ -439,12 +470,13 @@ class CheckpointManager:
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the background save (if any) is committed; raise `SaveError` if it failed."""
-        return self._writer.wait()
+        return self._writer.wait() if "_writer" in self.__dict__ else None
 
     def close(self) -> None:
         """Wait for the last save and release the background threads and staging buffers."""
         try:
-            self._writer.close()
+            if "_writer" in self.__dict__:
+                self._writer.close()
         finally:
             why = self._retention.missing_monitor() if self.writer and not self._warned_monitor else None
             if why is not None:
@@ -503,6 +535,7 @@ class CheckpointManager:
             type: only checkpoints of this type.
 
         Example:
+            >>> import torch
             >>> m = CheckpointManager("memory://doc-list")
             >>> _ = [m.save({"w": torch.zeros(1)}, step=s) for s in (1, 2, 3)]
             >>> page = m.list(sort_by="step", order="asc", limit=2)
@@ -628,9 +661,13 @@ class CheckpointManager:
         Returns the checkpoint's `CheckpointInfo`; marks it as the one training resumed from, so
         retention keeps it, and continues its run id.
         """
+        from ._distributed import checkpoint_group
+        from ._sharded import is_sharded
+        from ._training import model_state, unwrap_model
+
         info = self.get(name)
         if model is not None and (info.sharding is not None or is_sharded(model_state(unwrap_model(model)))):
-            self._writer.settle_previous()  # a background sharded save talks on the same group
+            self._settle_writes()  # a background sharded save talks on the same group
             self._reader.restore_sharded(info, model, optimizer=optimizer, scheduler=scheduler, rng=rng,
                                          strict=strict, verify=verify, group=checkpoint_group())
             self.resumed(info)
@@ -710,3 +747,13 @@ class CheckpointManager:
         else:
             infos = [self.get(name)]
         return [VerifyResult(info.name, self._reader.problems(info), self._reader.leftovers(info)) for info in infos]
+
+
+def _rank0() -> bool:
+    """Whether this process writes by default: rank 0 of torch.distributed, else True. A process that
+    has not imported torch has no process group (and `ckpt list` does not import it for this)."""
+    if "torch" not in sys.modules:
+        return True
+    from ._distributed import is_writer
+
+    return is_writer()
