@@ -41,19 +41,24 @@ EMULATORS = ("gcs", "azure")
 # The emulator backends double the suite's time on 2 cores, so the default run (README's test command) leaves
 # them out and .ci/run runs them in a second step: CKPT_EMULATORS=1 python -m pytest -m "gcs or azure".
 RUN_EMULATORS = os.environ.get("CKPT_EMULATORS", "") == "1"
+# Likewise the test harness's own checks (the S3 server survives a SIGKILL, a hung torchrun is stopped) and S3
+# repeats of what the local run already covers, marked `extended`: CKPT_EXTENDED=1 (.ci/run's second step).
+RUN_EXTENDED = os.environ.get("CKPT_EXTENDED", "") == "1"
 _left_out: list[str] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if RUN_EMULATORS:
-        return
-    keep = [i for i in items if not any(i.get_closest_marker(m) for m in EMULATORS)]
-    if len(keep) < len(items):
-        kept = {id(i) for i in keep}
-        config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
-        _left_out.append(f"{len(items) - len(keep)} GCS/Azure emulator tests not run: CKPT_EMULATORS=1 runs them "
-                         "(.ci/run does, as a second step)")
-        items[:] = keep
+    left_out = [(EMULATORS, RUN_EMULATORS, "GCS/Azure emulator tests not run: CKPT_EMULATORS=1 runs them"),
+                (("extended",), RUN_EXTENDED, "extended tests not run: CKPT_EXTENDED=1 runs them")]
+    for markers, run, why in left_out:
+        if run:
+            continue
+        keep = [i for i in items if not any(i.get_closest_marker(m) for m in markers)]
+        if len(keep) < len(items):
+            kept = {id(i) for i in keep}
+            config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
+            _left_out.append(f"{len(items) - len(keep)} {why} (.ci/run does, as a second step)")
+            items[:] = keep
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -254,6 +254,7 @@ HANG_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.extended  # the harness's own check: a hung torchrun fails in time and leaves nothing running
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the workers through /proc")
 def test_a_hung_launch_fails_in_time_and_leaves_no_process(tmp_path: Path):
     script = tmp_path / "hang.py"

@@ -78,6 +78,7 @@ def test_write_read_list_delete_20mb(s3: SeaweedS3) -> None:
         fs.pipe_file("no-such-bucket/obj", b"x")
 
 
+@pytest.mark.extended  # the harness's own check (test_s3_faults relies on it)
 def test_object_survives_kill_and_restart() -> None:
     with SeaweedS3() as server:
         server.make_bucket("crash")

@@ -55,7 +55,7 @@ def s3_options(request: pytest.FixtureRequest, backend: str) -> dict[str, Any] |
     return dict(request.getfixturevalue("s3_server").storage_options) if backend == "s3" else None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.extended)])  # S3: .ci/run
 def test_fsdp2_resume_is_exact_and_reshards(backend: str, tmp_path: Path, request: pytest.FixtureRequest):
     # On S3 a shorter run (the launches cost seconds each): the same checks but 2 -> 3 ranks.
     options, total = s3_options(request, backend), 8 if backend == "local" else 4
