@@ -54,13 +54,14 @@ class Net(L.LightningModule):
 
 
 class SigtermAt(L.Callback):
-    """A real SIGTERM to this process when the batch after ``step`` starts (Lightning stops after that batch)."""
+    """A real SIGTERM to the main process (rank 0, as a scheduler sends it; under DDP Lightning's launcher passes
+    it on to the other ranks) when the batch after ``step`` starts: Lightning stops after that batch."""
 
     def __init__(self, step: int | None) -> None:
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.global_rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -109,9 +110,11 @@ def run(root: str, *, seed: int, total: int, stop: int | None, stateful: bool | 
     return model
 
 
-if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT STATEFUL
+if __name__ == "__main__":  # the DDP test: python _lightning_run.py ROOT SEED TOTAL STOP OUT STATEFUL [SIGTERM_AT]
     root, seed, total, stop, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     loader = {"0": False, "1": True}.get(sys.argv[6], sys.argv[6])
-    model = run(root, seed=seed, total=total, stop=stop or None, stateful=loader, devices=2, strategy="ddp")
+    sigterm_at = int(sys.argv[7]) if len(sys.argv) > 7 else None
+    model = run(root, seed=seed, total=total, stop=stop or None, stateful=loader, devices=2, strategy="ddp",
+                sigterm_at=sigterm_at)
     if model.trainer.is_global_zero:
         torch.save({"state": model.state_dict(), "seen": model.seen}, out)

@@ -21,6 +21,22 @@ from ckpt_callback.lightning import LightningCheckpoint
 pytestmark = pytest.mark.slow
 
 
+def _ddp(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python _lightning_run.py ARGS`` (a 2-process DDP run, Lightning's launcher); a hang kills both ranks."""
+    import signal
+
+    script = str(Path(__file__).parent / "_lightning_run.py")
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, start_new_session=True)  # rank 1 joins rank 0's group
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the DDP run hung:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _equal(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
     """The parameters/buffers that differ."""
     return [k for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True)
@@ -138,11 +154,9 @@ def test_module_state_that_needs_pickle_is_refused_by_name(tmp_path: Path, monke
 def test_ddp_two_processes_resume_exactly(tmp_path: Path, stop: int, loader: str):
     """40 samples / 2 ranks / batch 4: 5 steps an epoch. Mid-way through the second epoch Lightning makes the
     resumed iterator before it calls the DistributedSampler's set_epoch; the callback makes it again."""
-    script = str(Path(__file__).parent / "_lightning_run.py")
-
     def ddp(root: str, stop: int, out: str) -> None:
-        subprocess.run([sys.executable, script, root, "0", "20", str(stop), out, loader], check=True, timeout=300,
-                       capture_output=True, cwd=tmp_path)
+        done = _ddp(tmp_path, root, "0", "20", str(stop), out, loader)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     ddp(str(tmp_path / "a"), 0, str(tmp_path / "a.pt"))
     ddp(str(tmp_path / "b"), stop, str(tmp_path / "crashed.pt"))
@@ -152,3 +166,20 @@ def test_ddp_two_processes_resume_exactly(tmp_path: Path, stop: int, loader: str
     assert a["seen"] == b["seen"]
     names = {i.name: i.type for i in CheckpointManager(str(tmp_path / "b")).list().data}
     assert names == {f"checkpoint-{stop}": "automatic", "checkpoint-20": "final"}
+
+
+@pytest.mark.skipif(not os.environ.get("CKPT_LIGHTNING_DDP"), reason="two-process DDP runs: set CKPT_LIGHTNING_DDP=1")
+def test_ddp_sigterm_saves_a_final_on_every_rank_and_resumes_exactly(tmp_path: Path):
+    """SIGTERM to the main process of a 2-process DDP run (Lightning's launcher passes it on): every rank stops at
+    the same step boundary, a final is saved there, and the resumed run equals one that never stopped."""
+    def ddp(root: str, out: str, *sigterm_at: str) -> subprocess.CompletedProcess:
+        return _ddp(tmp_path, root, "0", "20", "0", out, "torch-sampler", *sigterm_at)
+
+    stopped = ddp(str(tmp_path / "b"), str(tmp_path / "stopped.pt"), "6")
+    assert stopped.stderr.count("SIGTERM: saving a final checkpoint at step 7") == 2, stopped.stderr[-3000:]
+    final = CheckpointManager(str(tmp_path / "b")).get("final")
+    assert (final.step, final.description) == (7, "stopped by SIGTERM at step 7")
+    assert ddp(str(tmp_path / "b"), str(tmp_path / "b.pt")).returncode == 0
+    assert ddp(str(tmp_path / "a"), str(tmp_path / "a.pt")).returncode == 0
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])] == []
