@@ -23,7 +23,7 @@ pruner deletes checkpoints whose data others share).
 
 Every other replace and prune trial aims its kill into an operation (a save, a prune, a delete)
 instead of a uniformly random moment. ``CKPT_KILL_TRIALS`` sets the trials per mode and backend
-(default 4; .ci/run runs 10 more as a later step); e.g. CKPT_KILL_TRIALS=100.
+(default 4; .ci/run also runs 10 per mode on local and S3 as a later step); e.g. CKPT_KILL_TRIALS=100.
 """
 
 from __future__ import annotations

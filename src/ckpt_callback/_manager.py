@@ -188,10 +188,15 @@ class CheckpointManager:
         return Writer(self._commit, on_commit=self._committed, committed=self._catalog.recent,
                       **self._writer_options)
 
+    @property
+    def _made_writer(self) -> Writer | None:
+        """The write pipeline if a save made it, else None (waiting or closing then has nothing to do)."""
+        return self.__dict__.get("_writer")
+
     def _settle_writes(self) -> None:
         """Let a background save in flight finish first (nothing to do before the first save)."""
-        if "_writer" in self.__dict__:
-            self._writer.settle_previous()
+        if self._made_writer is not None:
+            self._made_writer.settle_previous()
 
     def _committed(self, info: CheckpointInfo) -> CheckpointInfo:
         """A save committed ``info``: retention first, then the ``on_commit`` callables."""
@@ -447,7 +452,8 @@ class CheckpointManager:
                                 train_loss=train_loss if train_loss is not None else info.train_loss,
                                 metrics={**info.metrics, **clean})
 
-        pending = self._writer.merge_inflight(step, merge) if "_writer" in self.__dict__ else None
+        writer = self._made_writer
+        pending = writer.merge_inflight(step, merge) if writer is not None else None
         if pending is not None:
             return pending  # the background writer has not written its sidecar yet
         revised = self._retention.update(step, merge)
@@ -470,13 +476,14 @@ class CheckpointManager:
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the background save (if any) is committed; raise `SaveError` if it failed."""
-        return self._writer.wait() if "_writer" in self.__dict__ else None
+        writer = self._made_writer
+        return writer.wait() if writer is not None else None
 
     def close(self) -> None:
         """Wait for the last save and release the background threads and staging buffers."""
         try:
-            if "_writer" in self.__dict__:
-                self._writer.close()
+            if self._made_writer is not None:
+                self._made_writer.close()
         finally:
             why = self._retention.missing_monitor() if self.writer and not self._warned_monitor else None
             if why is not None:
