@@ -4,11 +4,14 @@ An async save copies every tensor into host buffers that are allocated once and 
 every later save of the same shapes (pinned memory when the source is on a GPU, so the copy
 is a DMA), then the training thread goes on while a background thread writes the buffers.
 Tensors that share memory (tied weights) share one buffer, so the snapshot is never larger
-than the state.
+than the state. Host tensors are copied by one plain memcpy each on the training thread: torch's
+own copy splits a large tensor across its intra-op threads and waits for all of them, which is
+several times slower as soon as another process holds a core.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,7 +66,10 @@ class StagingArea:
                 continue
             buffer = self._buffer(key, source)
             non_blocking = source.device.type == "cuda"
-            buffer.copy_(source, non_blocking=non_blocking)
+            if source.device.type == "cpu" and source.is_contiguous():
+                _copy_one_thread(buffer, source)
+            else:
+                buffer.copy_(source, non_blocking=non_blocking)
             asynchronous |= non_blocking
             used.add(key)
             out[key] = buffer
@@ -74,3 +80,10 @@ class StagingArea:
         for stale in set(self._buffers) - used:  # shapes that went away: free them
             del self._buffers[stale]
         return out
+
+
+def _copy_one_thread(buffer: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy contiguous host tensor ``source`` into ``buffer`` (same shape and dtype) with one memcpy."""
+    nbytes = source.numel() * source.element_size()
+    if nbytes:
+        ctypes.memmove(buffer.data_ptr(), source.data_ptr(), nbytes)  # releases the GIL
