@@ -446,9 +446,9 @@ def kill_mid_upload(storage: Any, kill: Callable[[], None], folder: str, after: 
     write_stream = storage.write_stream
     killed = False
 
-    def dying(rel: str, produce: Callable[[Any], Any]) -> Any:
+    def dying(rel: str, produce: Callable[[Any], Any], **options: Any) -> Any:
         if killed or folder not in rel or not rel.endswith(".safetensors"):
-            return write_stream(rel, produce)
+            return write_stream(rel, produce, **options)
 
         def produce_through_tap(f: Any) -> Any:
             written = 0
@@ -468,6 +468,6 @@ def kill_mid_upload(storage: Any, kill: Callable[[], None], folder: str, after: 
 
             return produce(Tap())
 
-        return write_stream(rel, produce_through_tap)
+        return write_stream(rel, produce_through_tap, **options)
 
     storage.write_stream = dying

@@ -158,6 +158,7 @@ def test_retention_does_not_delete_a_newer_checkpoint_of_the_same_name(root):
     a = CheckpointManager(root, keep_last=1)
     a.save(state(), step=1)
     a.save(state(), step=2)  # a's view has checkpoint-1 pruned; now another run re-creates it
+    a.wait()  # (object stores: a's retention deletes it in the background)
     b = CheckpointManager(root, keep_last=None)
     b.save(state(5.0), step=1)
     a._catalog.note(b.get("checkpoint-1").replace(id="stale-id"))  # a still believes in an older one

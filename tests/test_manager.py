@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import urllib.request
 import warnings
 
@@ -22,6 +23,7 @@ from ckpt_callback import (
     InvalidNameError,
     SaveError,
     StorageError,
+    _storage,
 )
 from conftest import run_python
 
@@ -74,12 +76,39 @@ def test_retention_keeps_newest_best_manual_final(root):
         if step == 300:
             m.save(state(), step=step, type="manual", name="before-lr-drop", description="hand-made")
     m.save(state(), step=600, type="final")
+    m.wait()  # (object stores: retention's deletes finish in the background)
     types = {i.name: i.type for i in m.list()}
     assert types == {"checkpoint-200": "best", "before-lr-drop": "manual", "checkpoint-400": "automatic",
                      "checkpoint-500": "automatic", "checkpoint-600": "final"}
     assert folders(root) == set(types)
     assert m.best().name == "checkpoint-200" and m.get("final").name == "checkpoint-600"
     assert m.get("latest").name == "checkpoint-600"
+
+
+def test_retention_deletes_never_hold_the_saving_thread(root, monkeypatch):
+    """A save returns while retention's removal of the pruned checkpoint is still running on another
+    thread; the pruned one is already gone from every listing (local: renamed away; object stores:
+    its sidecar goes first) and its files are gone once `wait` returns."""
+    entered, release, threads = threading.Event(), threading.Event(), []
+    real_remove_tree = _storage.Storage.remove_tree
+
+    def slow_remove_tree(self, rel, **kwargs):
+        threads.append(threading.current_thread().name)
+        entered.set()
+        release.wait(30)
+        return real_remove_tree(self, rel, **kwargs)
+
+    monkeypatch.setattr(_storage.Storage, "remove_tree", slow_remove_tree)
+    m = CheckpointManager(root, keep_last=1)
+    m.save(state(1.0), step=1)
+    m.save(state(2.0), step=2)  # prunes checkpoint-1; its removal waits for `release`
+    assert entered.wait(30) and not release.is_set()
+    assert threads == ["ckpt-retention_0"]
+    assert [i.name for i in m.list()] == ["checkpoint-2"]
+    assert [i.name for i in CheckpointManager(root).list()] == ["checkpoint-2"]
+    release.set()
+    m.wait()
+    assert folders(root) == {"checkpoint-2"}
 
 
 def test_best_tag_moves_when_a_better_one_arrives_and_survives_restart(root):

@@ -44,10 +44,10 @@ LOOP = textwrap.dedent(
     slow_writes = ending in ("async", "break-slow")
     if slow_writes:  # make the background save last long enough to be signalled half-way
         write = _storage.Storage.write_stream
-        def slow(self, rel, produce):
+        def slow(self, rel, produce, **options):
             print("writing", rel, flush=True)
             time.sleep(0.25)
-            return write(self, rel, produce)
+            return write(self, rel, produce, **options)
         _storage.Storage.write_stream = slow
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) if ending == "usr1" else (signal.SIGTERM, signal.SIGINT)
     torch.manual_seed(0)

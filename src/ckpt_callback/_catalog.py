@@ -175,6 +175,7 @@ class Catalog:
         self.damaged: dict[str, CheckpointInfo] = {}  # object stores: sidecars whose files are missing
         self._refreshed = -math.inf
         self.staged = False  # the last listing saw a committed staging folder (a replacement to roll forward)
+        self.hidden: dict[str, str] = {}  # name -> id of checkpoints this process is deleting in the background
 
     # --- the view -----------------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class Catalog:
                     damaged[folder] = info
                     del view[folder]
         with self._lock:
+            view = {f: v for f, v in view.items() if self.hidden.get(f) != v[1].id}  # being deleted
             self._view, self.damaged = view, damaged
             self._refreshed = time.monotonic()
         return [info for _, info in view.values()]
@@ -288,6 +290,17 @@ class Catalog:
     def forget(self, name: str) -> None:
         with self._lock:
             self._view.pop(name, None)
+
+    def hide(self, info: CheckpointInfo) -> None:
+        """``info`` is being deleted: out of the view at once, and of every listing until `unhide`."""
+        with self._lock:
+            self.hidden[info.name] = info.id
+            self._view.pop(info.name, None)
+
+    def unhide(self, info: CheckpointInfo) -> None:
+        with self._lock:
+            if self.hidden.get(info.name) == info.id:
+                del self.hidden[info.name]
 
     # --- lookups ------------------------------------------------------------------------------
 

@@ -168,7 +168,7 @@ class _LeaseKeeper:
                 self.thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
                 self.thread.start()
         try:
-            storage.write_bytes_atomic(f"{folder}/{MARKER}", lease.encode())
+            storage.write_bytes_atomic(f"{folder}/{MARKER}", lease.encode(), durable=False)  # only the living read it
         except BaseException:
             self.release(lease)
             raise
@@ -192,7 +192,8 @@ class _LeaseKeeper:
                 fresh = Lease(**{**asdict(lease), "expires": time.time() + LEASE_SECONDS})
                 with contextlib.suppress(Exception):  # a failed refresh is retried; the lease has slack
                     if lease.writer in self.live:  # never re-creates a folder that was committed meanwhile
-                        storage.write_bytes_atomic(f"{folder}/{MARKER}", fresh.encode(), make_parents=False)
+                        storage.write_bytes_atomic(f"{folder}/{MARKER}", fresh.encode(), make_parents=False,
+                                                   durable=False)
 
 
 _LEASES = _LeaseKeeper()
@@ -216,10 +217,16 @@ class Transaction:
         self.storage = protocol.storage
         self.sealed = False  # the sidecar is written: from here on the folder is recovered, never aborted
         self.blobs: dict[str, int] = {}  # object stores: blobs the sidecar will name (sha -> size), each with a marker
+        self.unsynced: list[str] = []  # local: files written but not fsynced yet (`commit` syncs them all at once)
 
     def write(self, rel: str, produce: Callable[[Any], T]) -> T:
-        """Write one file of the checkpoint; see `Storage.write_stream`."""
-        return self.storage.write_stream(f"{self.folder}/{rel}", produce)
+        """Write one file of the checkpoint; see `Storage.write_stream`. Local files are made
+        durable by `commit`, all at once."""
+        if not self.storage.is_local:
+            return self.storage.write_stream(f"{self.folder}/{rel}", produce)
+        result = self.storage.write_stream(f"{self.folder}/{rel}", produce, sync=False)
+        self.unsynced.append(f"{self.folder}/{rel}")
+        return result
 
     def reuse(self, rel: str, source: str, size: int, owner: CheckpointInfo | None = None) -> bool:
         """Make file ``rel`` the same data as committed file ``source`` (a path under the root), of ``size`` bytes.
@@ -241,6 +248,7 @@ class Transaction:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.link(s.path(source), target)
                 if os.stat(target).st_size == size and self._still(owner):
+                    self.unsynced.append(f"{self.folder}/{rel}")  # its folders are synced at the commit
                     return True
                 os.unlink(target)
                 return False
@@ -311,7 +319,18 @@ class Transaction:
         try:
             if not s.is_local:
                 self._check_still_ours(info)
-            s.write_bytes_atomic(f"{self.folder}/{SIDECAR}", info.dumps().encode())
+            if s.is_local:  # a staging folder nobody reads until its rename: no temporary file for the sidecar
+                self.write(SIDECAR, lambda f: f.write(info.dumps().encode()))
+                # every file, the sidecar and every folder they are in are durable before the rename
+                folders = {self.folder}
+                for rel in self.unsynced:
+                    while rel.count("/") > self.folder.count("/"):
+                        rel = rel.rsplit("/", 1)[0]
+                        folders.add(rel)
+                s.sync_local([*self.unsynced, *sorted(folders)])
+                self.unsynced = []
+            else:
+                s.write_bytes_atomic(f"{self.folder}/{SIDECAR}", info.dumps().encode())
             self._release_blobs()  # the sidecar names them now
             self.sealed = True
             if s.is_local:
@@ -506,11 +525,13 @@ class CommitProtocol:
             return False
         return True
 
-    def delete(self, name: str, *, expected_id: str | None = None) -> bool:
+    def delete(self, name: str, *, expected_id: str | None = None,
+               later: Callable[[Callable[[], None]], None] | None = None) -> bool:
         """Remove checkpoint ``name``: it disappears at once (rename / sidecar first), the rest follows.
 
         ``expected_id``: remove it only if it is still that checkpoint (not a newer one of the same
-        name). Returns whether anything was removed.
+        name). ``later`` (local roots): runs what follows the rename (removing the renamed tree),
+        e.g. on another thread. Returns whether anything was removed.
         """
         s = self.storage
         state = self.state(name)
@@ -524,8 +545,11 @@ class CommitProtocol:
                     return False
         if s.is_local:
             trash = f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
-            s.rename_local(name, trash)
-            s.remove_tree(trash)
+            s.rename_local(name, trash, durable=False)  # a crash before the disk has it: still whole, deleted again
+            if later is None:
+                s.remove_tree(trash)
+            else:
+                later(lambda: s.remove_tree(trash))  # a trash folder left by a crash is removed by recover()
             return True
         lease = _LEASES.hold(s, name, "delete", name)
         try:

@@ -477,7 +477,10 @@ class CheckpointManager:
     def wait(self) -> CheckpointInfo | None:
         """Block until the background save (if any) is committed; raise `SaveError` if it failed."""
         writer = self._made_writer
-        return writer.wait() if writer is not None else None
+        try:
+            return writer.wait() if writer is not None else None
+        finally:
+            self._retention.drain()
 
     def close(self) -> None:
         """Wait for the last save and release the background threads and staging buffers."""
@@ -485,6 +488,7 @@ class CheckpointManager:
             if self._made_writer is not None:
                 self._made_writer.close()
         finally:
+            self._retention.close()
             why = self._retention.missing_monitor() if self.writer and not self._warned_monitor else None
             if why is not None:
                 self.warn_missing_monitor(f"checkpoints under {self.root} record {why}")

@@ -5,11 +5,14 @@ Carries out the pure policies of `_policy`.
 "Best" is judged by the monitor the run recorded in its sidecars unless one was given, so a
 manager opened later (or `ckpt` without ``--monitor``) agrees with the run that tagged it.
 Deletes happen only after the new checkpoint is committed, go through `_commit`, and a failed
-one is logged: retention never stops training.
+one is logged: retention never stops training. The deletes a save or an evaluation causes run
+on a background thread (`drain` waits for them); the checkpoint leaves this process's view at
+once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -40,6 +43,8 @@ class Retention:
         self.resumed_from: str | None = None  # kept whatever the policy says
         self.own: dict[str, str] = {}  # name -> id of the checkpoints this process committed
         self.lock = threading.RLock()  # sidecar read-modify-writes of this process, one at a time
+        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._deleting: list[concurrent.futures.Future[None]] = []
 
     def monitor(self, infos: Sequence[CheckpointInfo] = ()) -> tuple[str, str]:
         """(name, mode) of "best": as given, else as the newest sidecar that records one, else evalLoss/min."""
@@ -100,7 +105,8 @@ class Retention:
         with self.lock:
             names = [n for n in (*self.own, self.resumed_from) if n is not None]
             for candidate in (self.catalog.read(n) for n in reversed(names)):
-                if candidate is not None and candidate.step == step and self.is_ours(candidate):
+                if candidate is not None and candidate.step == step and self.is_ours(candidate) \
+                        and self.catalog.hidden.get(candidate.name) != candidate.id:  # not one being deleted
                     return self.revise(merge(candidate))
         return None
 
@@ -117,7 +123,7 @@ class Retention:
         """Re-tag best and prune, now that something was committed; returns what remains."""
         with self.lock:
             infos = self.retag(infos)
-            doomed = self.prune(infos)
+            doomed = self.prune(infos, background=True)
         gone = {i.name for i in doomed}
         return [i for i in infos if i.name not in gone]
 
@@ -140,17 +146,61 @@ class Retention:
         protect = [self.resumed_from] if self.resumed_from else []
         return self.policy(infos).to_delete(infos, protect=protect, keep_last=keep_last)
 
-    def prune(self, infos: Sequence[CheckpointInfo], keep_last: int | None = None) -> list[CheckpointInfo]:
-        """Delete what the policy drops; a delete that fails is logged and left for the next time."""
-        removed = []
-        for info in self.doomed(infos, keep_last):
-            try:
-                if not self.commit.delete(info.name, expected_id=info.id):
-                    continue  # gone already, or replaced by a newer save of that name
-            except CheckpointError as exc:
-                logger.error("retention could not remove %s: %s", info.name, exc)
-                continue
-            self.catalog.forget(info.name)
-            removed.append(info)
-            logger.info("retention removed %s from %s", info.name, self.commit.storage.display())
-        return removed
+    def prune(self, infos: Sequence[CheckpointInfo], keep_last: int | None = None, *,
+              background: bool = False) -> list[CheckpointInfo]:
+        """Delete what the policy drops; a delete that fails is logged and left for the next time.
+
+        ``background``: the deletes run on this retention's deleter thread (the caller, a training
+        step, does not wait for storage); the doomed leave the catalog's view at once.
+        """
+        doomed = self.doomed(infos, keep_last)
+        if not background:
+            return [info for info in doomed if self._delete(info)]
+        if self.commit.storage.is_local:  # the rename makes it disappear (for every process) at once
+            return [info for info in doomed if self._delete(info, later=self._in_background)]
+        for info in doomed:  # object stores: the whole delete is many requests
+            self.catalog.hide(info)
+            self._in_background(lambda info=info: self._delete_hidden(info))  # type: ignore[misc]
+        return doomed
+
+    def _in_background(self, work: Callable[[], None]) -> None:
+        if self._deleter is None:
+            self._deleter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-retention")
+        self._deleting = [f for f in self._deleting if not f.done()]
+        self._deleting.append(self._deleter.submit(_logged, work))
+
+    def _delete(self, info: CheckpointInfo, later: Callable[[Callable[[], None]], None] | None = None) -> bool:
+        try:
+            if not self.commit.delete(info.name, expected_id=info.id, later=later):
+                return False  # gone already, or replaced by a newer save of that name
+        except CheckpointError as exc:
+            logger.error("retention could not remove %s: %s", info.name, exc)
+            return False
+        self.catalog.forget(info.name)
+        logger.info("retention removed %s from %s", info.name, self.commit.storage.display())
+        return True
+
+    def _delete_hidden(self, info: CheckpointInfo) -> None:
+        try:
+            self._delete(info)
+        finally:  # listed again if it is still there: the next prune tries again
+            self.catalog.unhide(info)
+
+    def drain(self) -> None:
+        """Wait until the background deletes asked for so far are done."""
+        pending, self._deleting = self._deleting, []
+        concurrent.futures.wait(pending)
+
+    def close(self) -> None:
+        self.drain()
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=True)
+            self._deleter = None
+
+
+def _logged(work: Callable[[], None]) -> None:
+    """Run a background part of a delete; a failure is logged (retention never stops training)."""
+    try:
+        work()
+    except Exception as exc:
+        logger.error("retention: a background delete failed: %s", exc)

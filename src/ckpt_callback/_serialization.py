@@ -48,6 +48,7 @@ __all__ = [
 ALIASES_KEY = "ckpt_callback.aliases"
 _CHUNK = 16 << 20
 _HASH_LAG_BYTES = 64 << 20  # how far hashing may fall behind the I/O (bounds memory kept alive)
+_HASH_INLINE_BYTES = 256 << 10  # smaller updates are hashed on the caller's thread when none is queued
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
 _MAX_DIMS = 64
 
@@ -314,8 +315,8 @@ class ParallelDigest:
         self._queued = 0
 
     def update(self, data: memoryview | bytes) -> None:
-        if self._executor is None:
-            self._digest.update(data)
+        if self._executor is None or (not self._pending and len(data) < _HASH_INLINE_BYTES):
+            self._digest.update(data)  # small: a hand-off to the thread costs more than the hash
             return
         while self._pending and self._queued + len(data) > _HASH_LAG_BYTES:
             self._wait_oldest()
@@ -592,6 +593,8 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
             return {_FLOAT: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if value is None or isinstance(value, bool | int | float | str):
             return value
+        if isinstance(value, tuple | list) and all(type(v) is int for v in value):  # e.g. python's RNG state
+            return {_TUPLE: list(value)} if isinstance(value, tuple) else list(value)
         if isinstance(value, tuple):
             return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
         if isinstance(value, list):
