@@ -257,3 +257,37 @@ def test_listing_a_missing_bucket_says_so(s3_server):
     with pytest.raises(CheckpointNotFoundError, match="bucket 'no-such-bucket-ckpt'"):
         CheckpointManager("s3://no-such-bucket-ckpt/run").list()
     assert CheckpointManager("s3://ckpt-test/never-written-prefix").list().data == []  # an empty root
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_local_save_makes_every_file_and_folder_durable_before_the_rename_that_shows_it(tmp_path, monkeypatch,
+                                                                                          nested):
+    """What a power cut can undo that a SIGKILL cannot: each file of the checkpoint (the sidecar too) and
+    each folder holding them is fsynced before the rename that makes the checkpoint visible, and the
+    root after it. Nothing else is (leases only matter to live processes): two rounds to the disk."""
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_rename(src, dst, *args, **kwargs):
+        events.append(("rename", os.fspath(dst)))
+        return rename(src, dst, *args, **kwargs)
+
+    root = tmp_path / "ckpts"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    m = CheckpointManager(str(root))
+    m.save(model, step=1)  # the first save also creates the root
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    opt = torch.optim.AdamW(model.parameters())
+    files = {"merged/config.json": b"{}"} if nested else None
+    info = m.save(model, step=2, optimizer=opt, files=files)
+    shown = events.index(("rename", str(root / "checkpoint-2")))
+    before = {os.path.relpath(path, str(root)).split("/", 1)[1] if "/" in os.path.relpath(path, str(root)) else ""
+              for kind, path in events[:shown] if kind == "fsync"}
+    expected = {e.path for e in info.files} | {"checkpoint.json", ""} | ({"merged"} if nested else set())
+    assert before == expected
+    assert events[shown + 1:] == [("fsync", str(root))]
