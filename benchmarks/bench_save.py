@@ -5,7 +5,10 @@ a tiny model's fixed cost per save, `ckpt` startup, and every issue-16 target ma
     python benchmarks/bench_save.py [--sizes 124m,355m,774m] [--runs 3] [--warmup 1] [--idle-pause 5]
                                     [--sections cold,warm,quiet,busy,restore,tiny,cli] [--methods a,b,c]
                                     [--with-s3-list] [--out BENCHMARKS.md] [--json FILE] [--dir TMPDIR]
-    python benchmarks/bench_save.py --quick      # tiny GPT-2, 1 run, ~2 minutes; prints, writes no file
+    python benchmarks/bench_save.py --quick      # tiny GPT-2, 1 run, 1-2 minutes; prints, writes no file
+
+The default sweep (124m,355m,774m, 3 runs, all rows) takes about 1.5-2 hours on a 2-core VM with
+24 GiB of RAM and a ~1 GB/s disk; the 774M rows dominate it (each run writes ~9 GB many times).
 
 Everything comes from one invocation, and BENCHMARKS.md's sections of this script are rewritten
 together from it (the sections other scripts write are kept, see `_measure.write_document`).
@@ -44,14 +47,14 @@ skipped at a size whose copy does not fit in MemAvailable (the reason is printed
 
 On a GPU machine
 ----------------
-With ``torch.cuda.is_available()`` the stall sections gain three rows at every size: the same
-model and optimizer state on the GPU (``cuda:0``), ``d2h_pinned`` (every tensor copied into pinned
-host buffers allocated before, ``copy_(non_blocking=True)`` then one ``torch.cuda.synchronize()``:
-the floor of an async save's stall from GPU memory), and ``ours_async_gpu`` /
-``ours_async_gpu_1thread`` (``CheckpointManager(async_save=True)`` saving the GPU model), whose stall
-target is <= 1.2x ``d2h_pinned``. Without CUDA these rows are skipped and say so. Run it with a
-CUDA build of torch, on a local disk (not a network filesystem), as root if the cold section
-should really be cold (``drop_caches``):
+With ``torch.cuda.is_available()`` the stall sections gain three rows at every size, on a copy of
+the model and optimizer state on ``cuda:0`` (made once per size): ``d2h_pinned`` (every tensor
+copied into pinned host buffers allocated before, ``copy_(non_blocking=True)``, then one
+``torch.cuda.synchronize()``: the floor of an async save's stall from GPU memory), and
+``ours_async_gpu`` / ``ours_async_gpu_1thread`` (``CheckpointManager(async_save=True)`` saving the GPU
+model), whose stall target is <= 1.2x ``d2h_pinned``, quiet and busy. Without CUDA these rows are
+skipped and say so. Run it with a CUDA build of torch, on a local disk (not a network filesystem),
+as root if the cold section should really be cold (``drop_caches``):
 
     PYTHONPATH=src python benchmarks/bench_save.py --sizes 124m,355m,774m --runs 3
 
@@ -1227,7 +1230,14 @@ def run_size(
         for run in range(-warmup, args.runs):
             for section, names in active.items():
                 for n in names:
-                    rec = run_one(METHODS[n], b, run, section, hwm_ok, args)
+                    if METHODS[n].needs_copy and state + margin > (now := mem_available()):
+                        # something still holds memory (another process, or a copy not given back): running
+                        # the row could bring the OOM killer onto the whole benchmark
+                        rec = RunRecord(size, section, n, run, error=(
+                            f"not run: MemAvailable {now / 1e9:.1f} GB < the {state / 1e9:.2f} GB copy it needs "
+                            f"+ {margin / 1e9:.1f} GB margin"))
+                    else:
+                        rec = run_one(METHODS[n], b, run, section, hwm_ok, args)
                     if run >= 0:
                         records[section][n].append(rec)
                     log_record(rec, f"{size} {'warm-up' if run < 0 else f'run {run}'}")
@@ -1629,8 +1639,9 @@ def collect_targets(records: Records, meta: dict[str, Any], tiny: dict[str, Any]
             f"`ours_async` {a or 0:.0f} / `ours_sync` {o or 0:.0f} steps/s", _div(a, o), 1.0, op=">=",
             bound=f"in the loop a `save()` call blocks {_ms(_med(calls.get('ours_async')))} (async) against "
                   f"{_ms(_med(calls.get('ours_sync')))} (sync); one async save alone stalls "
-                  f"{_ms(_med(tiny['stall_s'].get('ours_async')))} and is durable after {_ms(ad)}, longer than a step "
-                  f"({step_ms:.2f} ms), so at a save per step the next save meets the previous one still running"))
+                  f"{_ms(_med(tiny['stall_s'].get('ours_async')))} and is durable after {_ms(ad)}"
+                  + (f", longer than a step ({step_ms:.2f} ms): at a save per step the next save meets the previous "
+                     "one still running" if ad and ad * 1e3 > step_ms else f"; a step takes {step_ms:.2f} ms")))
     if cli:
         sec = cli["seconds"]
         py, imp = _med(sec.get("python -c pass")), _med(sec.get('python -c "import torch"'))
@@ -1649,7 +1660,7 @@ def collect_targets(records: Records, meta: dict[str, Any], tiny: dict[str, Any]
         out.append(Target("4", "`ckpt list` of 1,000 checkpoints on S3 <= 2 s",
                           _s(s3["seconds"]) if s3["seconds"] is not None else s3["why"], s3["seconds"], 2.0,
                           unit="s", bound=bound))
-    return out
+    return sorted(out, key=lambda t: t.item)  # stable: sizes and sections keep their order within an item
 
 
 # =============================================================================
@@ -1917,7 +1928,8 @@ def render(records: Records, skipped: dict[str, dict[str, str]], info: dict[str,
         f"startup and the issue 16 targets: generated {meta['date']} by `{cmd}` in one run "
         f"({meta['elapsed_min']:.0f} min): {args.warmup} untimed warm-up round(s) at the first size, then "
         f"{args.runs} measured run(s) of every row; rows interleaved within a section, sections interleaved per run. "
-        "The sections after the targets are written by the other scripts in `benchmarks/`; each names its command.")
+        "The sections after \"Save / restore notes\" are written by the other scripts in `benchmarks/`; each names "
+        "its command.")
     L += ["", "## Machine", ""]
     L.append(f"- CPU: {info['cpu']}, {info['cores']}")
     L.append(f"- RAM: {info['ram']}; GPU: {info['gpu']}")
