@@ -1869,7 +1869,7 @@ def render_tiny(tiny: dict[str, Any]) -> list[str]:
     for k in d:
         ms = [v * 1e3 for v in d[k]]
         L.append(f"| `{k}` | {fmt_range(ms)} | {fmt_range([v * 1e3 for v in st[k]])} | {_med(fs[k]) or 0:.1f} "
-                 f"| {_med(tiny['fsync_s'][k]) * 1e3 if tiny['fsync_s'][k] else 0:.2f} "
+                 f"| {fmt_range([v * 1e3 for v in tiny['fsync_s'][k]])} "
                  f"| {fmt_ratio(d[k], sf or [])} | {fmt_ratio(d[k], ts or [])} |")
     L.append("")
     L.append(
