@@ -1209,7 +1209,7 @@ def run_size(
                                  "build_s": time.perf_counter() - t0}
     meta["sizes"][size] = size_meta
     log(f"{size}: state {state:,} B ({state / 1e9:.2f} GB), MemAvailable {avail / 1e9:.1f} GB, built in "
-          f"{size_meta['build_s']:.0f} s")
+        f"{size_meta['build_s']:.0f} s")
     skips = skipped.setdefault(size, {})
     margin = int(1.5 * GB + 0.05 * state)
     gpu_why = gpu_problem(state)
@@ -1975,7 +1975,7 @@ def render(records: Records, skipped: dict[str, dict[str, str]], info: dict[str,
     if cli:
         L += render_cli(cli, s3)
     L += render_targets(targets)
-    if records:
+    if records or meta.get("size_errors"):
         L += render_methods(records, skipped, meta)
     return "\n".join(L)
 
@@ -2020,6 +2020,8 @@ def render_methods(records: Records, skipped: dict[str, dict[str, str]], meta: d
                  "and touching new memory faults on the host too (first-touch GB/s under Machine). What needs *new* "
                  "memory -- page cache for buffered writes after an idle pause, restore buffers, staging -- is slower "
                  "than on bare metal; this is what the cold section shows.")
+    for size, err in meta.get("size_errors", {}).items():
+        L.append(f"- {size_label(size)} was not measured: {err}")
     for leak in meta.get("leaks", []):
         L.append(f"- Memory not given back: {leak}.")
     for n, why in meta.get("skipped_everywhere", {}).items():
@@ -2123,7 +2125,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["touch_gbps"] = fresh_memory_touch_gbps(GB // 8 if args.quick else GB)
     meta["balloon_reporting"] = balloon_free_page_reporting()
     log(f"scratch {root}; first-touch of new memory: {meta['touch_gbps']:.2f} GB/s; "
-          f"load {meta['load_before']}")
+        f"load {meta['load_before']}")
 
     records: Records = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -2131,9 +2133,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if rows:
             for i, size in enumerate(args.size_list):
-                out = run_size(size, args, rows, args.warmup if i == 0 else 0, hwm_ok, root, skipped, meta)
-                if out is not None:
-                    records[size] = out
+                try:
+                    records[size] = run_size(size, args, rows, args.warmup if i == 0 else 0, hwm_ok, root, skipped,
+                                             meta)
+                except Exception as e:  # e.g. building the model ran out of memory: keep the other sizes
+                    traceback.print_exc()
+                    meta.setdefault("size_errors", {})[size] = f"{type(e).__name__}: {e}"
+                    meta["sizes"].pop(size, None)
+                    release_memory()
         if "tiny" in args.section_list and module_available("ckpt_callback") is None:
             tiny = run_tiny(args, root)
         if "cli" in args.section_list and module_available("ckpt_callback") is None:
@@ -2164,7 +2171,7 @@ def main(argv: list[str] | None = None) -> int:
                                           for sec, secs in s.items()} for size, s in records.items()}},
                       f, indent=2, default=str)
     failed = [r for s in records.values() for secs in s.values() for rs in secs.values() for r in rs if r.error]
-    return 1 if failed else 0
+    return 1 if failed or meta.get("size_errors") else 0
 
 
 if __name__ == "__main__":
