@@ -1014,6 +1014,17 @@ def build_model_and_optimizer(size: str, seed: int = 0) -> tuple[Any, torch.nn.M
     return cfg, model, opt
 
 
+def build_peak_bytes(size: str) -> int:
+    """Memory `build_model_and_optimizer` peaks at: fp32 weights + gradients + AdamW's two moments
+    (16 B per parameter; GPT-2 has about 12 * n_layer * n_embd^2 + (vocab + positions) * n_embd
+    parameters), plus 1 GiB for activations and the interpreter."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(**SIZES[size][1])
+    params = 12 * cfg.n_layer * cfg.n_embd**2 + (cfg.vocab_size + cfg.n_positions) * cfg.n_embd
+    return 16 * params + GB
+
+
 def state_sizes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
     seen: set[int] = set()
     model_bytes = 0
@@ -1199,6 +1210,10 @@ def run_size(
 ) -> dict[str, dict[str, list[RunRecord]]]:
     """Every section's rows at one size, interleaved; returns section -> method -> runs."""
     log(f"{size}: building {SIZES[size][0]} ...")
+    need = build_peak_bytes(size)
+    if need > mem_available():
+        raise MemoryError(f"building it peaks at about {need / 1e9:.1f} GB (weights, gradients and AdamW state), "
+                          f"more than MemAvailable ({mem_available() / 1e9:.1f} GB)")
     t0 = time.perf_counter()
     cfg, model, opt = build_model_and_optimizer(size)
     sizes = state_sizes(model, opt)
