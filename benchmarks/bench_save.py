@@ -382,9 +382,10 @@ def log(msg: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
-def read_loadavg() -> str:
+def read_loadavg() -> list[str]:
+    """The 1, 5 and 15 minute load averages (bench_sharded.py imports this)."""
     with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+        return f.read().split()[:3]
 
 
 # =============================================================================
@@ -2131,7 +2132,8 @@ def main(argv: list[str] | None = None) -> int:
         root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
     else:
         root = tempfile.mkdtemp(prefix="ckpt-bench-")
-    meta: dict[str, Any] = {"load_before": read_loadavg(), "sizes": {}, "skipped_everywhere": skipped_everywhere}
+    meta: dict[str, Any] = {"load_before": " ".join(read_loadavg()), "sizes": {},
+                            "skipped_everywhere": skipped_everywhere}
     for n, why in skipped_everywhere.items():
         log(f"skipping {n}: {why}")
     hwm_ok = reset_hwm() and hwm_bytes() is not None
@@ -2166,7 +2168,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     meta["date"] = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    meta["load_after"] = read_loadavg()
+    meta["load_after"] = " ".join(read_loadavg())
     meta["elapsed_min"] = (time.perf_counter() - started) / 60
     targets = collect_targets(records, meta, tiny, cli, s3 if args.with_s3_list else None)
     info = machine_info(os.path.dirname(root))
