@@ -181,6 +181,8 @@ class Catalog:
 
     def refresh(self) -> builtins.list[CheckpointInfo]:
         """Every committed checkpoint, from one listing plus the sidecars that are new or changed."""
+        with self._lock:
+            hiding = dict(self.hidden)  # and those whose delete ends while this listing is under way
         stamps, present, self.staged = self._stamps()
         with self._lock:
             old = dict(self._view)
@@ -208,7 +210,7 @@ class Catalog:
                     damaged[folder] = info
                     del view[folder]
         with self._lock:
-            view = {f: v for f, v in view.items() if self.hidden.get(f) != v[1].id}  # being deleted
+            view = {f: v for f, v in view.items() if v[1].id not in (self.hidden.get(f), hiding.get(f))}
             self._view, self.damaged = view, damaged
             self._refreshed = time.monotonic()
         return [info for _, info in view.values()]

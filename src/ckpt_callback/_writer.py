@@ -77,6 +77,7 @@ class Writer:
         self.max_shard_size = max_shard_size
         self.compression, self.compression_level, self.save_threads = compression, compression_level, save_threads
         self._compressors: concurrent.futures.ThreadPoolExecutor | None = None
+        self._files: concurrent.futures.ThreadPoolExecutor | None = None  # local: two large files at a time
         self.committed = committed  # the committed checkpoints, whose frozen files a save may reuse
         self.on_commit = on_commit
         self._lock = threading.Lock()
@@ -252,6 +253,7 @@ class Writer:
 
     def _write_files(self, txn: Any, job: SaveJob) -> list[FileEntry]:
         entries: list[FileEntry] = []
+        plain: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]] = []  # (file, tensors, metadata)
         blobs = dict(job.files)
         committed: list[CheckpointInfo] | None = None
         for prefix, state in [(job.prefix, job.model), *job.more_weights.items()]:
@@ -267,14 +269,15 @@ class Writer:
                     committed = self.committed() if committed is None else committed
                     entries.append(self._write_frozen(txn, filename, tensors, metadata, committed))
                 else:
-                    entries.append(self._write_tensors(txn, filename, tensors, metadata))
+                    plain.append((filename, tensors, metadata))
             if plan.index is not None:
                 index_name = MODEL_INDEX if prefix == MODEL_PREFIX else f"{prefix}.safetensors.index.json"
                 blobs[index_name] = (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode()
         if job.training is not None:
             doc, tensors = job.training.to_files(step=job.info.step, epoch=job.info.epoch)
-            entries.append(self._write_tensors(txn, OPTIMIZER_FILE, tensors, {"format": "pt"}))
+            plain.append((OPTIMIZER_FILE, tensors, {"format": "pt"}))
             blobs[TRAINING_STATE_FILE] = doc
+        entries += self._write_all_tensors(txn, plain)
         for rel, data in blobs.items():
             size, sha = txn.write(rel, lambda f, d=data: write_chunks(f, [d]))
             entries.append(FileEntry(rel, size, sha))
@@ -328,15 +331,37 @@ class Writer:
             return dataclasses.replace(written, shared=True, blob=written.sha256)
         return written
 
+    def _write_all_tensors(self, txn: Any, files: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]]
+                           ) -> list[FileEntry]:
+        """Write safetensors files; on a local root, large ones two at a time, each hashed on its own thread.
+
+        One sha256 stream runs at about the speed of the disk on one core, so the hash of one
+        big file bounds a save of it; two files (the weights and the optimizer state) hashed on
+        two cores while other threads write them finish sooner. ``save_threads=1``, object
+        stores (whose uploads keep their own threads busy) and compression keep one at a time.
+        """
+        big = sum(safetensors_size(t, m) for _, t, m in files) >= _CONCURRENT_FILES_BYTES
+        if len(files) < 2 or not big or self.save_threads < 2 or self.compression or not self.commit.storage.is_local:
+            return [self._write_tensors(txn, name, tensors, metadata) for name, tensors, metadata in files]
+        if self._files is None:
+            self._files = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ckpt-file")
+        ordered = sorted(files, key=lambda f: -safetensors_size(f[1], f[2]))  # the longest first
+        futures = {name: self._files.submit(self._write_tensors, txn, name, tensors, metadata, hasher=None)
+                   for name, tensors, metadata in ordered}
+        concurrent.futures.wait(futures.values())
+        return [futures[name].result() for name, _, _ in files]
+
     def _write_tensors(self, txn: Any, filename: str, tensors: dict[str, torch.Tensor],
-                       metadata: dict[str, str], *, raw_hash: bool = False) -> FileEntry:
+                       metadata: dict[str, str], *, raw_hash: bool = False,
+                       hasher: Any = "default") -> FileEntry:
         """One safetensors file, plain or (with ``compression``) byte-grouped and zstd-compressed.
 
         ``raw_hash``: a compressed file also records the sha256 of its decoded bytes (so a later
         save of the same frozen tensors can find it).
         """
+        hasher = self._hasher if hasher == "default" else hasher
         if self.compression is None:
-            size, sha = txn.write(filename, lambda f: write_safetensors(f, tensors, metadata, hasher=self._hasher))
+            size, sha = txn.write(filename, lambda f: write_safetensors(f, tensors, metadata, hasher=hasher))
             return FileEntry(filename, size, sha)
         if self._compressors is None and self.save_threads > 1:
             self._compressors = concurrent.futures.ThreadPoolExecutor(self.save_threads, thread_name_prefix="ckpt-zstd")
@@ -382,9 +407,10 @@ class Writer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            if self._compressors is not None:
-                self._compressors.shutdown(wait=True)
-                self._compressors = None
+            for pool in (self._compressors, self._files):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._compressors = self._files = None
             self._staging = StagingArea()
 
 
@@ -394,6 +420,8 @@ def _hashed(pieces: Iterator[tuple[Any, int]], digest: Any) -> Iterator[tuple[An
         digest.update(chunk)
         yield chunk, width
 
+
+_CONCURRENT_FILES_BYTES = 64 << 20  # below this, a thread hand-off costs more than it saves
 
 _WITH_PENDING_SAVES: weakref.WeakSet[Writer] = weakref.WeakSet()
 
