@@ -7,7 +7,10 @@ not grow with the number of checkpoints beyond that one listing. The manager's o
 update the view directly (`note`, `forget`).
 
 On object stores the same listing also proves that every file a sidecar lists is there with
-its size: a checkpoint whose files are gone is never listed.
+its size: a checkpoint whose files are gone is never listed. It also gives each sidecar's size, so
+the sidecars to read are fetched concurrently on the driver's event loop, one GET each bounded by
+that size and no HEAD (`Storage.read_listed`): a thread per HEAD + GET made 1,000 sidecars on S3
+take ~4 s instead of ~1 s.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ logger = logging.getLogger("ckpt_callback")
 # How stale the view may be when a save re-tags and prunes (other processes' checkpoints show up
 # within this time); `list`, `get` and friends always refresh.
 REFRESH_SECONDS = 30.0
-_READERS = 16  # concurrent sidecar reads on object stores
+_READERS = 16  # threads reading sidecars one by one on object stores (what a concurrent batch did not read)
+_BATCH_BYTES = 64 << 20  # listed sidecar bytes one concurrent batch fetches and holds before parsing
 
 _SORT_ALIASES = {
     "createdAt": "created_at", "created_at": "created_at", "created": "created_at",
@@ -191,12 +195,10 @@ class Catalog:
                 view[folder] = cached
             else:
                 unseen.append(folder)
-        # Object stores: the new or changed sidecars are fetched concurrently (one GET each).
-        workers = 1 if self.storage.is_local or len(unseen) < 2 else _READERS
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-catalog") as pool:
-            for folder, info in zip(unseen, pool.map(lambda f: self._read(f, stamps[f]), unseen), strict=True):
-                if info is not None:
-                    view[folder] = (stamps[folder], info)
+        sizes = {} if present is None else {f: present.get(f, {}).get(SIDECAR, 0) for f in unseen}
+        for folder, info in zip(unseen, self._read_many(unseen, stamps, sizes), strict=True):
+            if info is not None:
+                view[folder] = (stamps[folder], info)
         damaged = {}
         if present is not None:  # object stores: never list a checkpoint whose files are gone
             for folder, (_, info) in builtins.list(view.items()):
@@ -260,10 +262,47 @@ class Catalog:
                 stamps[folder] = tuple(str(detail.get(k)) for k in ("ETag", "LastModified", "mtime", "created", "size"))
         return stamps, present, staged
 
-    def _read(self, folder: str, stamp: Any) -> CheckpointInfo | None:
+    def _read_many(self, folders: Sequence[str], stamps: dict[str, Any],
+                   sizes: dict[str, int]) -> builtins.list[CheckpointInfo | None]:
+        """The sidecars of ``folders`` (None: gone or invalid).
+
+        Object stores: the listing gave each sidecar's size, so they are fetched concurrently without
+        a HEAD each (`Storage.read_listed`), in batches of at most `_BATCH_BYTES` listed bytes (what
+        is held before parsing). What that did not read (local roots, synchronous drivers, sidecars
+        empty, oversized or changed since the listing, failed requests) is read one by one.
+        """
+        batches: builtins.list[builtins.list[str]] = [[]]
+        held = 0
+        rest = []
+        for folder in folders:
+            size = sizes.get(folder, 0)
+            if not 0 < size <= MAX_SIDECAR_BYTES:
+                rest.append(folder)
+                continue
+            if held + size > _BATCH_BYTES and batches[-1]:
+                batches.append([])
+                held = 0
+            batches[-1].append(folder)
+            held += size
+        found: dict[str, CheckpointInfo | None] = {}
+        for batch in batches:
+            raws = self.storage.read_listed([(f"{f}/{SIDECAR}", sizes[f]) for f in batch]) if batch else []
+            for folder, raw in zip(batch, raws, strict=True):
+                if raw is None:
+                    rest.append(folder)
+                else:
+                    found[folder] = self._read(folder, stamps[folder], raw)
+        workers = 1 if self.storage.is_local or len(rest) < 2 else _READERS
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-catalog") as pool:
+            found.update(zip(rest, pool.map(lambda f: self._read(f, stamps[f]), rest), strict=True))
+        return [found[f] for f in folders]
+
+    def _read(self, folder: str, stamp: Any, raw: bytes | None = None) -> CheckpointInfo | None:
+        """Folder ``folder``'s sidecar from ``raw`` (read now when None); None if it is gone or invalid."""
         where = self.storage.display(folder, SIDECAR)
         try:
-            raw = self.storage.read_bytes(f"{folder}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
+            if raw is None:
+                raw = self.storage.read_bytes(f"{folder}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
             info = CheckpointInfo.loads(raw, where=where)
         except CheckpointNotFoundError:
             return None  # deleted between the listing and the read
