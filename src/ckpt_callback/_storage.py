@@ -462,6 +462,10 @@ class Storage:
                 found = self.fs.find(self.path(rel), detail=True)
             except FileNotFoundError:
                 return {}
+            # Listings of folders below, cached by earlier calls (a folder listed while it was saved), are
+            # older than this one: a file opened on their word would pin a stale ETag (s3fs: FileExpired).
+            for folder in {p.rsplit("/", 1)[0] for p in found}:
+                self.fs.invalidate_cache(folder)
             return {p[len(base):]: d for p, d in found.items() if p.startswith(base) and d.get("type") != "directory"}
         return self._call("listing", rel, find)
 
