@@ -16,7 +16,7 @@ import ckpt_callback._catalog as catalog_module
 from ckpt_callback import CheckpointManager, CheckpointWarning
 from ckpt_callback._sidecar import MAX_SIDECAR_BYTES
 from ckpt_callback._storage import Storage
-from conftest import S3, make_root, root_fs
+from conftest import AZURE, GCS, S3, make_root, root_fs
 
 SIDECAR = "checkpoint.json"
 N = 60  # more than the one-by-one readers' 16 threads, few enough to write quickly
@@ -104,7 +104,7 @@ def test_many_checkpoints_on_s3_list_as_on_a_local_root_without_a_read_each(
     assert reads.one_by_one == []
 
 
-@pytest.mark.parametrize("backend", ["local", "memory", S3])
+@pytest.mark.parametrize("backend", ["local", "memory", S3, GCS, AZURE])
 def test_hostile_and_incomplete_folders_among_many_are_refused(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest, template: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +139,7 @@ def test_hostile_and_incomplete_folders_among_many_are_refused(
     assert any("larger than" in m for m in warned if "'checkpoint-3'" in m)
     # Never more than a sidecar's worth (plus one byte) is asked for at once per file.
     assert all(size <= MAX_SIDECAR_BYTES for batch in reads.batches for _, size in batch)
-    if backend == "s3":  # only the oversized and empty sidecars are read one by one (bounded, as ever)
+    if backend in ("s3", "gcs", "azure"):  # only the oversized and empty sidecars are read one by one, bounded
         assert sorted(reads.one_by_one) == [f"checkpoint-3/{SIDECAR}", f"checkpoint-4/{SIDECAR}"]
 
 
@@ -168,3 +168,89 @@ def test_a_sidecar_changed_since_the_listing_is_read_again(
         warnings.simplefilter("error")  # nothing is skipped
         assert listed(root) == expected
     assert sorted(reads.one_by_one) == [f"checkpoint-11/{SIDECAR}", f"checkpoint-2/{SIDECAR}"]
+
+
+# --- the sidecars kept on local disk between processes (what `ckpt` does) --------------------------
+
+
+@pytest.mark.s3
+def test_kept_sidecars_answer_a_new_process_and_only_changes_are_read_again(
+        tmp_path: Path, request: pytest.FixtureRequest, template: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache = make_root("s3", tmp_path, request), tmp_path / "cache"
+    fill(root, request, template, n=30)
+    fs, base = root_fs(root, request)
+
+    def listed_with_cache() -> list[dict[str, Any]]:
+        page = CheckpointManager(root, keep_last=None, catalog_cache=cache).list(sort_by="step", order="asc")
+        return [i.to_json() for i in page.data]
+
+    expected = listed_with_cache()
+    assert len(expected) == 30 and len(list(cache.iterdir())) == 1
+    assert oct(cache.stat().st_mode & 0o777) == oct(0o700)
+    reads = Reads(monkeypatch)
+    assert listed_with_cache() == expected  # a new manager, as a new `ckpt list` process
+    assert reads.batches == [] and reads.one_by_one == []
+
+    rewritten = json.loads(fs.cat_file(f"{base}/checkpoint-4/{SIDECAR}"))
+    fs.pipe_file(f"{base}/checkpoint-4/{SIDECAR}", json.dumps({**rewritten, "evalLoss": 0.125}).encode())
+    fs.rm_file(f"{base}/checkpoint-5/{SIDECAR}")  # deleted (the sidecar goes first)
+    fs.rm_file(f"{base}/checkpoint-6/model.safetensors")  # its data is gone
+    now = listed_with_cache()
+    gone = ("checkpoint-5", "checkpoint-6")
+    assert [i["name"] for i in now] == [i["name"] for i in expected if i["name"] not in gone]
+    assert next(i for i in now if i["name"] == "checkpoint-4")["evalLoss"] == 0.125
+    assert [rel for batch in reads.batches for rel, _ in batch] == [f"checkpoint-4/{SIDECAR}"]
+    assert reads.one_by_one == []
+
+    # The kept file is parsed as strictly as a sidecar: an entry that does not parse is read again.
+    kept = next(cache.iterdir())
+    doc = json.loads(kept.read_text())
+    doc["entries"]["checkpoint-7"][1] = '{"schemaVersion": 1, "name": "../x", "files": 7}'
+    doc["entries"]["checkpoint-8"][1] = json.dumps({**json.loads(doc["entries"]["checkpoint-8"][1]), "step": -1})
+    kept.write_text(json.dumps(doc))
+    reads.batches.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert listed_with_cache() == now
+    assert sorted(rel for batch in reads.batches for rel, _ in batch) == [f"checkpoint-7/{SIDECAR}",
+                                                                           f"checkpoint-8/{SIDECAR}"]
+    kept.write_text("not json")  # a damaged file: everything is read again
+    reads.batches.clear()
+    assert listed_with_cache() == now
+    assert len([rel for batch in reads.batches for rel, _ in batch]) == 29  # every committed sidecar
+
+
+def test_ckpt_keeps_sidecars_where_told_and_not_at_all_when_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt_callback._cli import _cache_dir
+
+    monkeypatch.delenv("CKPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _cache_dir() == str(tmp_path / "xdg" / "ckpt-callback")
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "mine"))
+    assert _cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv("CKPT_CACHE_DIR", "off")
+    assert _cache_dir() is None
+    # Local and memory:// roots keep nothing (a local listing and read are as cheap as the cache).
+    for root in (str(tmp_path / "local"), f"memory://cache-{uuid.uuid4().hex}"):
+        manager = CheckpointManager(root, catalog_cache=tmp_path / "unused")
+        manager.save({"w": torch.zeros(1)}, step=1)
+        assert [i.name for i in CheckpointManager(root, catalog_cache=tmp_path / "unused").list()] == ["checkpoint-1"]
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.s3
+def test_ckpt_list_of_an_s3_root_twice_answers_the_same_from_its_cache(
+        tmp_path: Path, request: pytest.FixtureRequest, template: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `ckpt list` processes: the first keeps the sidecars in CKPT_CACHE_DIR, the second answers the same."""
+    import subprocess
+    import sys
+
+    root = make_root("s3", tmp_path, request)
+    fill(root, request, template, n=12)
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", "import sys; from ckpt_callback._cli import main; sys.exit(main())",
+                            "list", root, "--json"], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and json.loads(runs[0].stdout)["totalCount"] == 12
+    assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import json
 import logging
 import mmap
 import os
@@ -237,6 +238,14 @@ class Storage:
         if connect is not None:
             with contextlib.suppress(Exception):
                 connect(refresh=True)
+
+    def identity(self) -> str:
+        """This root's URL and how it is reached (options and endpoint variables), credentials left out:
+        what names a local cache of it."""
+        options = getattr(self.fs, "storage_options", {})
+        endpoints = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
+                     if os.environ.get(k)}
+        return self._scrub(json.dumps([self.url, options, endpoints], sort_keys=True, default=repr))
 
     # --- reading -------------------------------------------------------------------------------
 
