@@ -14,6 +14,10 @@ times). Then each command below runs ``--runs`` times as a subprocess and the me
   by createdAt over all of them);
 * ``ckpt list ROOT``: the whole table.
 
+Each list runs cold (``CKPT_CACHE_DIR`` an empty folder: every sidecar is read from the root) and,
+on S3, warm too (the folder a previous untimed ``ckpt list`` filled: the sidecars whose listed
+stamp did not change come from it; the listing itself is always made). Local roots keep no cache.
+
 Every list run is checked (exit status 0, the footer counts N checkpoints). Prints one JSON object:
 seconds per backend and command (median, and every run), the load average before and after, N and
 where ``ckpt_callback`` was imported from. `measure_list` is the same as a function, for
@@ -40,7 +44,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-COMMANDS = {"version": ["--version"], "list_limit20": ["list", "{root}", "--limit", "20"], "list": ["list", "{root}"]}
+# name: (arguments, cache: None for none to use, "cold" an empty folder per run, "warm" one filled beforehand)
+COMMANDS: dict[str, tuple[list[str], str | None]] = {
+    "version": (["--version"], None),
+    "list_limit20_cold": (["list", "{root}", "--limit", "20"], "cold"),
+    "list_cold": (["list", "{root}"], "cold"),
+    "list_limit20_warm": (["list", "{root}", "--limit", "20"], "warm"),
+    "list_warm": (["list", "{root}"], "warm"),
+}
 
 
 def ckpt_command() -> list[str]:
@@ -103,13 +114,21 @@ def measure_list(n: int = 1000, runs: int = 3, backends: Sequence[str] = ("local
                 else:
                     raise SystemExit(f"unknown backend {backend!r}")
                 populate(root, options, n, template)
+                warm = tempfile.mkdtemp(prefix="warm-", dir=scratch)
+                time_command(["list", root], {**env, "CKPT_CACHE_DIR": warm}, n=n)  # fills it, untimed
                 timings: dict[str, Any] = {}
-                for key, template_args in COMMANDS.items():
+                for key, (template_args, cache) in COMMANDS.items():
+                    if cache == "warm" and backend == "local":
+                        continue
                     args = [a.format(root=root) for a in template_args]
-                    samples = [time_command(args, env, n=None if key == "version" else n) for _ in range(runs)]
+                    samples = []
+                    for _ in range(runs):
+                        folder = warm if cache == "warm" else tempfile.mkdtemp(prefix="cold-", dir=scratch)
+                        samples.append(time_command(args, {**env, "CKPT_CACHE_DIR": folder},
+                                                    n=None if key == "version" else n))
                     timings[key] = {"median": round(statistics.median(samples), 3),
                                     "runs": [round(s, 3) for s in samples]}
-                    print(f"{backend:5s} ckpt {' '.join(template_args)}: {timings[key]['median']:.2f} s "
+                    print(f"{backend:5s} {key:18s} ckpt {' '.join(template_args)}: {timings[key]['median']:.2f} s "
                           f"({', '.join(f'{s:.2f}' for s in samples)})", file=sys.stderr, flush=True)
                 result["seconds"][backend] = timings
     finally:

@@ -165,6 +165,7 @@ def test_storage_defaults_bound_s3_connects_and_retries() -> None:
     pytest.importorskip("s3fs")
     fs = Storage("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9"}).fs
     assert fs.config_kwargs["connect_timeout"] == 5 and fs.config_kwargs["retries"]["total_max_attempts"] == 3
+    assert fs.config_kwargs["max_pool_connections"] == 64  # the catalog's concurrent sidecar reads
     assert S3_CONFIG_DEFAULTS["retries"] == {"total_max_attempts": 3, "mode": "standard"}  # never rewritten
     mine = Storage("s3://bucket/run", {"config_kwargs": {"connect_timeout": 30}}).fs
     assert mine.config_kwargs["connect_timeout"] == 30  # what the caller gives wins

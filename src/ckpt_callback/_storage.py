@@ -62,8 +62,11 @@ def _secrets(options: dict[str, Any]) -> list[str]:
 
 # S3 client defaults where the caller set none: a wrong endpoint fails in seconds, not after
 # botocore's 5 legacy attempts with 60 s connect timeouts; transient errors are retried by
-# `Storage._call` (and botocore's standard mode, which backs off on throttling).
-S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"}}
+# `Storage._call` (and botocore's standard mode, which backs off on throttling). 64 connections, not
+# botocore's 10: the catalog reads every sidecar at once, and with a 20 ms round trip 1,000 of them
+# took 3.3-4.2 s through 10 connections, 2.1-2.5 s through 64 (then bound by the client's CPU).
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"},
+                                      "max_pool_connections": 64}
 
 
 # Google Cloud Storage (gcsfs). Every HTTP request gcsfs makes is retried by its own decorator, 6
