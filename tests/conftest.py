@@ -66,6 +66,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(line)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _catalog_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`ckpt` keeps object-store sidecars in ~/.cache/ckpt-callback by default; tests keep theirs in a temporary
+    folder."""
+    with _environment({"CKPT_CACHE_DIR": str(tmp_path_factory.mktemp("ckpt-cache"))}):
+        yield
+
+
 S3_BUCKET = "ckpt-test"
 GCS_BUCKET = "ckpt-test"
 AZURE_CONTAINER = "ckpt-test"

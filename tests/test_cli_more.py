@@ -165,6 +165,7 @@ def test_storage_defaults_bound_s3_connects_and_retries() -> None:
     pytest.importorskip("s3fs")
     fs = Storage("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9"}).fs
     assert fs.config_kwargs["connect_timeout"] == 5 and fs.config_kwargs["retries"]["total_max_attempts"] == 3
+    assert fs.config_kwargs["max_pool_connections"] == 64  # the catalog's concurrent sidecar reads
     assert S3_CONFIG_DEFAULTS["retries"] == {"total_max_attempts": 3, "mode": "standard"}  # never rewritten
     mine = Storage("s3://bucket/run", {"config_kwargs": {"connect_timeout": 30}}).fs
     assert mine.config_kwargs["connect_timeout"] == 30  # what the caller gives wins
@@ -219,3 +220,21 @@ def test_list_inspect_delete_and_version_start_without_torch(tmp_path: Path) -> 
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert out.stdout.splitlines()[-1] == "exit 0 torch imported False", (args, out.stderr[-2000:])
     assert [i.name for i in manager.list()] == ["checkpoint-2"]
+
+
+@pytest.mark.s3
+def test_list_and_inspect_of_an_s3_root_start_without_torch(s3_server: Any) -> None:
+    """`ckpt list` and `inspect` of an s3:// root never import torch either (s3fs and its client do not need it)."""
+    import sys
+    import uuid
+
+    root = f"s3://ckpt-test/run-{uuid.uuid4().hex}"  # the s3_server fixture's bucket, reached through AWS_* variables
+    manager = CheckpointManager(root)
+    for step in (1, 2, 3):
+        manager.save({"w": torch.ones(2)}, step=step, train_loss=1.0)
+    code = ("import sys\nfrom ckpt_callback._cli import main\ncode = main(sys.argv[1:])\n"
+            "print('exit', code, 'torch imported', 'torch' in sys.modules)")
+    for args in (["list", root], ["list", root, "--json", "--limit", "2"], ["inspect", root, "latest"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert out.stdout.splitlines()[-1] == "exit 0 torch imported False", (args, out.stderr[-2000:])
+        assert "checkpoint-3" in out.stdout, (args, out.stdout[-2000:])

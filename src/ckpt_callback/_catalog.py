@@ -7,18 +7,25 @@ not grow with the number of checkpoints beyond that one listing. The manager's o
 update the view directly (`note`, `forget`).
 
 On object stores the same listing also proves that every file a sidecar lists is there with
-its size: a checkpoint whose files are gone is never listed.
+its size: a checkpoint whose files are gone is never listed. It also gives each sidecar's size, so
+the sidecars to read are fetched concurrently on the driver's event loop, one GET each bounded by
+that size and no HEAD (`Storage.read_listed`): a thread per HEAD + GET made 1,000 sidecars on S3
+take ~4 s instead of ~1 s. The ``ckpt`` command also keeps the sidecars it read in a local file
+(`SidecarCache`), so its next run reads again only those whose listed stamp changed.
 """
 
 from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import hashlib
+import json
 import logging
 import math
 import os
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,14 +38,15 @@ from ._storage import Storage
 from ._views import TENSORONE_METRICS, openai_list, tensorone_list, tensorone_metric, weights_file
 
 __all__ = ["REFRESH_SECONDS", "Catalog", "CheckpointPage", "CheckpointSummary", "CheckpointWarning",
-           "check_lookup_name", "stored_total"]
+           "SidecarCache", "check_lookup_name", "stored_total"]
 
 logger = logging.getLogger("ckpt_callback")
 
 # How stale the view may be when a save re-tags and prunes (other processes' checkpoints show up
 # within this time); `list`, `get` and friends always refresh.
 REFRESH_SECONDS = 30.0
-_READERS = 16  # concurrent sidecar reads on object stores
+_READERS = 16  # threads reading sidecars one by one on object stores (what a concurrent batch did not read)
+_BATCH_BYTES = 64 << 20  # listed sidecar bytes one concurrent batch fetches and holds before parsing
 
 _SORT_ALIASES = {
     "createdAt": "created_at", "created_at": "created_at", "created": "created_at",
@@ -167,8 +175,12 @@ def check_lookup_name(name: object) -> str:
 class Catalog:
     """The committed checkpoints under one root, from their sidecars."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.storage = storage
+        # Object stores: sidecars kept on local disk between processes (see SidecarCache).
+        self.cache = SidecarCache(cache_dir, storage) if cache_dir is not None and storage.has_buckets else None
+        self._raw: dict[str, tuple[Any, bytes]] = {}  # with a cache: the bytes behind each entry of the view
+        self._saved: dict[str, Any] | None = None  # with a cache: the stamps it holds, as last loaded or saved
         self._view: dict[str, tuple[Any, CheckpointInfo]] = {}
         self._warned: set[tuple[str, Any]] = set()
         self._lock = threading.Lock()
@@ -194,12 +206,12 @@ class Catalog:
                 view[folder] = cached
             else:
                 unseen.append(folder)
-        # Object stores: the new or changed sidecars are fetched concurrently (one GET each).
-        workers = 1 if self.storage.is_local or len(unseen) < 2 else _READERS
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-catalog") as pool:
-            for folder, info in zip(unseen, pool.map(lambda f: self._read(f, stamps[f]), unseen), strict=True):
-                if info is not None:
-                    view[folder] = (stamps[folder], info)
+        if self.cache is not None and unseen:
+            unseen = self._from_cache(unseen, stamps, view)
+        sizes = {} if present is None else {f: present.get(f, {}).get(SIDECAR, 0) for f in unseen}
+        for folder, info in zip(unseen, self._read_many(unseen, stamps, sizes), strict=True):
+            if info is not None:
+                view[folder] = (stamps[folder], info)
         damaged = {}
         if present is not None:  # object stores: never list a checkpoint whose files are gone
             for folder, (_, info) in builtins.list(view.items()):
@@ -209,6 +221,13 @@ class Catalog:
                     logger.warning("not listing %s: files of its sidecar are missing", self.storage.display(folder))
                     damaged[folder] = info
                     del view[folder]
+        if self.cache is not None:
+            # Every committed sidecar listed now, those whose files are missing too (they stay unlisted).
+            self._raw = {f: entry for f, entry in self._raw.items() if stamps.get(f) == entry[0]}
+            held = {f: e[0] for f, e in self._raw.items()}
+            if held != self._saved:
+                self.cache.save(self._raw)
+                self._saved = held
         with self._lock:
             view = {f: v for f, v in view.items() if v[1].id not in (self.hidden.get(f), hiding.get(f))}
             self._view, self.damaged = view, damaged
@@ -264,11 +283,50 @@ class Catalog:
                 stamps[folder] = tuple(str(detail.get(k)) for k in ("ETag", "LastModified", "mtime", "created", "size"))
         return stamps, present, staged
 
-    def _read(self, folder: str, stamp: Any) -> CheckpointInfo | None:
+    def _read_many(self, folders: Sequence[str], stamps: dict[str, Any],
+                   sizes: dict[str, int]) -> builtins.list[CheckpointInfo | None]:
+        """The sidecars of ``folders`` (None: gone or invalid).
+
+        Object stores: the listing gave each sidecar's size, so they are fetched concurrently without
+        a HEAD each (`Storage.read_listed`), in batches of at most `_BATCH_BYTES` listed bytes (what
+        is held before parsing). What that did not read (local roots, synchronous drivers, sidecars
+        empty, oversized or changed since the listing, failed requests) is read one by one.
+        """
+        batches: builtins.list[builtins.list[str]] = [[]]
+        held = 0
+        rest = []
+        for folder in folders:
+            size = sizes.get(folder, 0)
+            if not 0 < size <= MAX_SIDECAR_BYTES:
+                rest.append(folder)
+                continue
+            if held + size > _BATCH_BYTES and batches[-1]:
+                batches.append([])
+                held = 0
+            batches[-1].append(folder)
+            held += size
+        found: dict[str, CheckpointInfo | None] = {}
+        for batch in batches:
+            raws = self.storage.read_listed([(f"{f}/{SIDECAR}", sizes[f]) for f in batch]) if batch else []
+            for folder, raw in zip(batch, raws, strict=True):
+                if raw is None:
+                    rest.append(folder)
+                else:
+                    found[folder] = self._read(folder, stamps[folder], raw)
+        workers = 1 if self.storage.is_local or len(rest) < 2 else _READERS
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-catalog") as pool:
+            found.update(zip(rest, pool.map(lambda f: self._read(f, stamps[f]), rest), strict=True))
+        return [found[f] for f in folders]
+
+    def _read(self, folder: str, stamp: Any, raw: bytes | None = None) -> CheckpointInfo | None:
+        """Folder ``folder``'s sidecar from ``raw`` (read now when None); None if it is gone or invalid."""
         where = self.storage.display(folder, SIDECAR)
         try:
-            raw = self.storage.read_bytes(f"{folder}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
+            if raw is None:
+                raw = self.storage.read_bytes(f"{folder}/{SIDECAR}", limit=MAX_SIDECAR_BYTES)
             info = CheckpointInfo.loads(raw, where=where)
+            if self.cache is not None:
+                self._raw[folder] = (stamp, raw)
         except CheckpointNotFoundError:
             return None  # deleted between the listing and the read
         except SidecarError as exc:
@@ -276,6 +334,32 @@ class Catalog:
                 self._warned.add((folder, stamp))
                 warnings.warn(f"skipping checkpoint folder {folder!r}: {exc}", CheckpointWarning, stacklevel=4)
                 logger.warning("skipping checkpoint folder %r: %s", folder, exc)
+            return None
+        return info if info.name == folder else info.replace(name=folder, updated_at=info.updated_at)
+
+    def _from_cache(self, folders: builtins.list[str], stamps: dict[str, Any],
+                    view: dict[str, tuple[Any, CheckpointInfo]]) -> builtins.list[str]:
+        """Put into ``view`` the sidecars of ``folders`` the cache holds with the listed stamp; return the others."""
+        assert self.cache is not None
+        kept = self.cache.load()
+        self._saved = {f: e[0] for f, e in kept.items()}
+        rest = []
+        for folder in folders:
+            entry = kept.get(folder)
+            info = self._parse(folder, entry[1]) if entry is not None and entry[0] == stamps[folder] else None
+            if entry is None or info is None:
+                rest.append(folder)
+                continue
+            view[folder] = (stamps[folder], info)
+            self._raw[folder] = entry
+        return rest
+
+    def _parse(self, folder: str, raw: bytes) -> CheckpointInfo | None:
+        """Folder ``folder``'s sidecar from bytes kept on disk, parsed as strictly as a fresh read; None if they
+        do not parse (the sidecar is then read from the root)."""
+        try:
+            info = CheckpointInfo.loads(raw, where=self.storage.display(folder, SIDECAR))
+        except SidecarError:
             return None
         return info if info.name == folder else info.replace(name=folder, updated_at=info.updated_at)
 
@@ -390,6 +474,59 @@ class Catalog:
             return self.storage.sign(entry.location(info.name) if entry else f"{info.name}/{rel}", expires)
         except StorageError:  # this storage or these credentials cannot sign
             return None
+
+
+class SidecarCache:
+    """The sidecars of one object-store root, kept in a local file between processes (the ``ckpt`` command's).
+
+    Each entry is a sidecar's bytes and the stamp (ETag, time, size) the listing gave when they were
+    read: a later listing showing the same stamp takes them from here instead of a GET. The root's
+    listing still decides what exists (a deleted or uncommitted checkpoint is never listed from here),
+    the bytes are parsed as strictly as a fresh read, and an entry that does not parse is read again.
+    The file is named by a hash of the root URL and endpoint (never credentials) and replaced whole
+    (atomic rename); one that cannot be read or written is ignored.
+    """
+
+    VERSION = 1
+    LIMIT = 256 << 20  # a larger file is not ours: ignored
+
+    def __init__(self, folder: str | os.PathLike[str], storage: Storage) -> None:
+        self.identity = storage.identity()
+        digest = hashlib.sha256(self.identity.encode()).hexdigest()[:32]
+        self.path = os.path.join(os.fspath(folder), f"catalog-{digest}.json")
+
+    def load(self) -> dict[str, tuple[Any, bytes]]:
+        """``{folder: (stamp, sidecar bytes)}`` as last saved for this root; ``{}`` when there is none."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(self.LIMIT + 1)
+            doc = json.loads(data) if len(data) <= self.LIMIT else None
+            if not isinstance(doc, dict) or doc.get("version") != self.VERSION or doc.get("root") != self.identity:
+                return {}
+            return {folder: (tuple(stamp), text.encode())
+                    for folder, (stamp, text) in doc["entries"].items()
+                    if isinstance(folder, str) and isinstance(stamp, list) and isinstance(text, str)}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                logger.debug("ignoring the catalog cache %s: %s", self.path, exc)
+            return {}
+
+    def save(self, entries: dict[str, tuple[Any, bytes]]) -> None:
+        """Replace the kept sidecars of this root with ``entries``."""
+        try:
+            doc = {"version": self.VERSION, "root": self.identity,
+                   "entries": {f: [builtins.list(stamp), raw.decode()] for f, (stamp, raw) in entries.items()}}
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(doc, f)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except (OSError, UnicodeDecodeError) as exc:  # a read-only home, a full disk: only slower next time
+            logger.debug("cannot write the catalog cache %s: %s", self.path, exc)
 
 
 def sort(infos: Sequence[CheckpointInfo], sort_by: str, *, descending: bool) -> builtins.list[CheckpointInfo]:

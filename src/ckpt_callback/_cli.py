@@ -194,7 +194,18 @@ def _hint_if_empty(root: str) -> None:
 def _manager(root: str, **options: Any) -> CheckpointManager:
     state = click.get_current_context().ensure_object(_State)
     return CheckpointManager(root, storage_options=state.storage_options or None, monitor=state.monitor,
-                             mode=state.mode, **options)
+                             mode=state.mode, catalog_cache=_cache_dir(), **options)
+
+
+def _cache_dir() -> str | None:
+    """Where ``ckpt`` keeps the sidecars of object-store roots between runs (a later ``ckpt list`` reads
+    again only those that changed): ``CKPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt-callback``, else
+    ``~/.cache/ckpt-callback``. ``CKPT_CACHE_DIR=off`` keeps none."""
+    given = os.environ.get("CKPT_CACHE_DIR")
+    if given is not None:
+        return None if given.strip().lower() in ("", "off", "0", "none", "false") else given
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ckpt-callback")
 
 
 # --- formatting -------------------------------------------------------------------------------

@@ -111,6 +111,9 @@ class CheckpointManager:
             ``inferenceReady`` as it is: ``ckpt export`` or ``download(..., decompress=True)`` makes
             a plain one. Needs the ``zstandard`` package (``pip install 'ckpt-callback[zstd]'``).
         compression_level: zstd's level, -7 to 22 (default 1: measured best for grouped streams).
+        catalog_cache: a local folder where the sidecars of an object-store root are kept between
+            processes, so a new manager reads again only those whose listed ETag, time or size
+            changed (the ``ckpt`` command uses ``~/.cache/ckpt-callback``). None (default): none kept.
 
     Example:
         >>> import torch
@@ -140,6 +143,7 @@ class CheckpointManager:
         save_merged: str = "never",
         compression: str | None = None,
         compression_level: int | None = None,
+        catalog_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(save_threads, int) or isinstance(save_threads, bool) or save_threads < 1:
             raise InvalidArgumentError(f"save_threads must be a positive integer, got {save_threads!r}")
@@ -156,7 +160,7 @@ class CheckpointManager:
         self._is_local = storage.is_local
         self._local_root = storage.root
         self._commit = CommitProtocol(storage)
-        self._catalog = Catalog(storage)
+        self._catalog = Catalog(storage, cache_dir=catalog_cache)
         self._retention = Retention(self._commit, self._catalog, keep_last=keep_last, keep_best=keep_best,
                                     monitor=monitor, mode=mode)
         self.on_commit = check_callables(on_commit, "on_commit")

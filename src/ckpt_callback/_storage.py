@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import copy
 import ctypes
+import json
 import logging
 import mmap
 import os
@@ -62,8 +63,11 @@ def _secrets(options: dict[str, Any]) -> list[str]:
 
 # S3 client defaults where the caller set none: a wrong endpoint fails in seconds, not after
 # botocore's 5 legacy attempts with 60 s connect timeouts; transient errors are retried by
-# `Storage._call` (and botocore's standard mode, which backs off on throttling).
-S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"}}
+# `Storage._call` (and botocore's standard mode, which backs off on throttling). 64 connections, not
+# botocore's 10: the catalog reads every sidecar at once, and with a 20 ms round trip 1,000 of them
+# took 3.3-4.2 s through 10 connections, 2.1-2.5 s through 64 (then bound by the client's CPU).
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "retries": {"total_max_attempts": 3, "mode": "standard"},
+                                      "max_pool_connections": 64}
 
 
 # Google Cloud Storage (gcsfs). Every HTTP request gcsfs makes is retried by its own decorator, 6
@@ -239,6 +243,14 @@ class Storage:
             with contextlib.suppress(Exception):
                 connect(refresh=True)
 
+    def identity(self) -> str:
+        """This root's URL and how it is reached (options and endpoint variables), credentials left out:
+        what names a local cache of it."""
+        options = getattr(self.fs, "storage_options", {})
+        endpoints = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "STORAGE_EMULATOR_HOST")
+                     if os.environ.get(k)}
+        return self._scrub(json.dumps([self.url, options, endpoints], sort_keys=True, default=repr))
+
     # --- reading -------------------------------------------------------------------------------
 
     def exists(self, rel: str = "") -> bool:
@@ -278,6 +290,30 @@ class Storage:
                 return bytes(self.fs.cat_file(path))
             return bytes(self.fs.cat_file(path, start=0, end=limit + 1))
         return self._call("reading", rel, head)
+
+    def read_listed(self, files: Sequence[tuple[str, int]]) -> list[bytes | None]:
+        """The bytes of each ``(rel, size)`` a listing gave, fetched concurrently where the driver is
+        asynchronous (s3fs, gcsfs, adlfs): one GET of at most ``size + 1`` bytes each, no HEAD, all on
+        the driver's event loop.
+
+        None where a file was not read this way: a local or synchronous filesystem, an empty file,
+        a failed request, or a length other than ``size`` (the file changed since it was listed). The
+        caller reads those with `read_bytes`, which retries, translates errors and bounds the read.
+        """
+        wanted = [k for k, (_, size) in enumerate(files) if size > 0]
+        out: list[bytes | None] = [None] * len(files)
+        if self.is_local or not getattr(self.fs, "async_impl", False) or not wanted:
+            return out
+        paths = [self.path(files[k][0]) for k in wanted]
+        try:
+            found = self.fs.cat_ranges(paths, [0] * len(paths), [files[k][1] + 1 for k in wanted], on_error="return")
+        except Exception as exc:  # the batch as a whole failed: every file is read again one by one
+            logger.debug("concurrent read of %d files failed (%s)", len(paths), self._scrub(repr(exc)))
+            return out
+        for k, data in zip(wanted, found, strict=True):
+            if isinstance(data, (bytes, bytearray)) and len(data) == files[k][1]:
+                out[k] = bytes(data)
+        return out
 
     @contextlib.contextmanager
     def open_read(self, rel: str) -> Iterator[IO[bytes]]:
@@ -444,6 +480,10 @@ class Storage:
                 found = self.fs.find(self.path(rel), detail=True)
             except FileNotFoundError:
                 return {}
+            # Listings of folders below, cached by earlier calls (a folder listed while it was saved), are
+            # older than this one: a file opened on their word would pin a stale ETag (s3fs: FileExpired).
+            for folder in {p.rsplit("/", 1)[0] for p in found}:
+                self.fs.invalidate_cache(folder)
             return {p[len(base):]: d for p, d in found.items() if p.startswith(base) and d.get("type") != "directory"}
         return self._call("listing", rel, find)
 
