@@ -11,11 +11,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +46,85 @@ from ._training import TrainingState, TrainingStateValues, unwrap_model
 __all__ = ["Reader"]
 
 _BLOCK = 8 << 20
+_HASH_LAG = 64 << 20  # how far the hash thread may fall behind the reads (bytes still unhashed)
+_INLINE_HASH = 1 << 20  # updates smaller than this, before any larger one, are hashed in the caller
+
+
+class _BackgroundSha256:
+    """sha256 whose updates run in order on a thread of its own, beside the reads that feed it.
+
+    hashlib releases the GIL while it hashes a large buffer, so on two cores a verified read
+    costs max(read, hash) instead of their sum. `update` hands the buffer over and returns (it
+    only waits when more than `_HASH_LAG` bytes are still unhashed): the caller must leave the
+    buffer unchanged until `hexdigest`. `update_now` hashes before it returns (a buffer the caller
+    reuses). The thread starts with the first large update and ends with `close`.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._queued = 0
+        self._dropped = False
+
+    def update(self, data: memoryview | bytes) -> None:
+        if self._executor is None and len(data) < _INLINE_HASH:  # a header or a JSON file: no thread for that
+            self._digest.update(data)
+            return
+        while self._pending and self._queued + len(data) > _HASH_LAG:
+            self._wait_oldest()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
+        try:
+            future = self._executor.submit(self._digest.update, data)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, hash here
+            self.update_now(data)
+            return
+        self._pending.append((future, len(data)))
+        self._queued += len(data)
+
+    def update_now(self, data: memoryview | bytes) -> None:
+        self._drain()
+        self._digest.update(data)
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._queued -= size
+        future.result()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def hexdigest(self) -> str:
+        if self._dropped:
+            raise RuntimeError("this digest was closed with updates not hashed")
+        self._drain()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread; updates not yet hashed are dropped (the stream was abandoned)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._dropped = self._dropped or bool(self._pending)
+        self._pending.clear()
+        self._queued = 0
 
 
 class _HashingReader:
-    """A read-only stream that hashes every byte and never reads past ``limit`` bytes."""
+    """A read-only stream that never reads past ``limit`` bytes and (``hashing``) hashes every byte.
 
-    def __init__(self, raw: Any, limit: int) -> None:
+    The hash runs beside the reads (`_BackgroundSha256`) wherever the bytes stay as they are:
+    what `read` returns, and what `readinto_kept` reads into the caller's memory (the tensors
+    being filled). `readinto` is for a buffer the caller reuses: its bytes are hashed before it
+    returns.
+    """
+
+    def __init__(self, raw: Any, limit: int, *, hashing: bool = True) -> None:
         self.raw = raw
-        self.digest = hashlib.sha256()
+        self.digest = _BackgroundSha256()
+        self.hashing = hashing
         self.size = 0
         self.limit = limit
 
@@ -58,22 +132,33 @@ class _HashingReader:
         room = self.limit - self.size
         n = room if n is None or n < 0 else min(n, room)
         data = bytes(self.raw.read(n)) if n > 0 else b""
-        self.digest.update(data)
+        if self.hashing and data:
+            self.digest.update(data)
         self.size += len(data)
         return data
 
-    def readinto(self, view: memoryview) -> int:
-        view = view[: max(0, self.limit - self.size)]
-        if not len(view):
-            return 0
+    def _fill(self, view: memoryview) -> int:
         readinto = getattr(self.raw, "readinto", None)
         if readinto is not None:
-            n = readinto(view) or 0
-        else:
-            data = self.raw.read(len(view))
-            n = len(data)
-            view[:n] = data
-        self.digest.update(view[:n])
+            return int(readinto(view) or 0)
+        data = self.raw.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readinto(self, view: memoryview) -> int:
+        view = view[: max(0, self.limit - self.size)]
+        n = self._fill(view) if len(view) else 0
+        if self.hashing and n:
+            self.digest.update_now(view[:n])
+        self.size += n
+        return n
+
+    def readinto_kept(self, view: memoryview) -> int:
+        """`readinto` into memory the caller leaves unchanged until the stream is checked (hashed later)."""
+        view = view[: max(0, self.limit - self.size)]
+        n = self._fill(view) if len(view) else 0
+        if self.hashing and n:
+            self.digest.update(view[:n])
         self.size += n
         return n
 
@@ -84,6 +169,27 @@ class _HashingReader:
     def at_end(self) -> bool:
         """Whether the underlying file has nothing beyond what was read (a longer file is altered)."""
         return not self.raw.read(1)
+
+    def close(self) -> None:
+        self.digest.close()
+
+
+def _stored_size(raw: Any) -> int | None:
+    """The size of the open file ``raw`` without reading it (None when the stream cannot tell)."""
+    try:
+        if not raw.seekable():
+            return None
+        end = int(raw.seek(0, os.SEEK_END))
+        raw.seek(0)
+        return end
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
+def _advise_sequential(raw: Any) -> None:
+    """Ask the kernel for a larger readahead on a local file read from start to end."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 class Reader:
@@ -101,27 +207,41 @@ class Reader:
         return next((f for f in info.files if f.path == rel or f.logical_path == rel), None)
 
     @contextlib.contextmanager
-    def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[_HashingReader]:
-        """A stream of file ``rel`` of ``info``, bounded by its listed size; on a clean exit with
-        ``verify`` the size and sha256 are checked (`CorruptCheckpointError` if they differ)."""
+    def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True,
+                      hashing: bool | None = None) -> Iterator[_HashingReader]:
+        """A stream of file ``rel`` of ``info``, bounded by its listed size.
+
+        With ``verify``, a file whose stored size is not the listed one is refused before a byte
+        is read, and on a clean exit the size and sha256 are checked (`CorruptCheckpointError` if
+        they differ). ``hashing`` (default ``verify``): compute the sha256 even when not checking
+        it here (`problems` compares it itself).
+        """
         entry = self.entry(info, rel)
         where = self._where(info, rel)
         if entry is None:
             raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
         if entry.blob is not None:  # stored once for every checkpoint naming it; untrusted all the same
             where = f"{where} (stored once at {self.storage.display(entry.location(info.name))})"
+        wrong_size = CorruptCheckpointError(
+            f"{where} does not have the {entry.size} bytes the sidecar says: it is truncated or altered")
         try:
             with self.storage.open_read(entry.location(info.name)) as raw:
-                stream = _HashingReader(raw, entry.size)
-                yield stream
-                if verify:
-                    stream.drain()
-                    if stream.size != entry.size or not stream.at_end():
-                        raise CorruptCheckpointError(
-                            f"{where} does not have the {entry.size} bytes the sidecar says: "
-                            "it is truncated or altered")
-                    if stream.digest.hexdigest() != entry.sha256:
-                        raise CorruptCheckpointError(f"{where} does not match its sha256 in the sidecar: it is corrupt")
+                if verify and _stored_size(raw) not in (None, entry.size):
+                    raise wrong_size  # before any byte reaches a model: truncated or grown files load nothing
+                if self.storage.is_local:
+                    _advise_sequential(raw)
+                stream = _HashingReader(raw, entry.size, hashing=verify if hashing is None else hashing)
+                try:
+                    yield stream
+                    if verify:
+                        stream.drain()
+                        if stream.size != entry.size or not stream.at_end():
+                            raise wrong_size
+                        if stream.digest.hexdigest() != entry.sha256:
+                            raise CorruptCheckpointError(
+                                f"{where} does not match its sha256 in the sidecar: it is corrupt")
+                finally:
+                    stream.close()
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
 
@@ -341,16 +461,17 @@ class Reader:
         problems = []
         for entry in info.files:
             try:
-                with self.open_verified(info, entry.path, verify=False) as stream:
+                with self.open_verified(info, entry.path, verify=False, hashing=True) as stream:
                     stream.drain()
                     size = stream.size + _count_rest(stream.raw)
+                    digest = stream.digest.hexdigest()
             except CorruptCheckpointError:
                 shared = f" (its shared copy {entry.location(info.name)})" if entry.blob else ""
                 problems.append(f"{entry.path}: missing{shared}")
                 continue
             if size != entry.size:
                 problems.append(f"{entry.path}: size {size} != {entry.size} in the sidecar")
-            elif stream.digest.hexdigest() != entry.sha256:
+            elif digest != entry.sha256:
                 problems.append(f"{entry.path}: sha256 does not match the sidecar")
         listed = {e.path for e in info.files} | {SIDECAR}
         try:
