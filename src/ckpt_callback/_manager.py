@@ -679,15 +679,18 @@ class CheckpointManager:
                                          strict=strict, verify=verify, group=checkpoint_group())
             self.resumed(info)
             return info
-        if model is not None:
-            self._reader.restore_model(info, model, strict=strict, verify=verify)
+        training = None
         if optimizer is not None or scheduler is not None or rng or stateful:
             if self._reader.has_training_state(info):
-                self._reader.training_state(info, verify=verify).apply(optimizer=optimizer, scheduler=scheduler,
-                                                                       rng=rng, stateful=stateful)
+                # read and checked before the model is touched: a damaged training state changes nothing
+                training = self._reader.training_state(info, verify=verify)
             elif optimizer is not None or scheduler is not None or stateful:
                 raise CheckpointNotFoundError(
                     f"checkpoint {info.name!r} in {self.root} has no optimizer/scheduler/stateful state to restore")
+        if model is not None:
+            self._reader.restore_model(info, model, strict=strict, verify=verify)
+        if training is not None:
+            training.apply(optimizer=optimizer, scheduler=scheduler, rng=rng, stateful=stateful)
         self.resumed(info)
         return info
 

@@ -174,6 +174,17 @@ class _HashingReader:
         self.digest.close()
 
 
+class _Lent(dict[str, torch.Tensor]):
+    """A model's own tensors lent to `read_safetensors` to fill; ``lent``: whether any was asked for."""
+
+    lent = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = super().get(key, default)
+        self.lent = self.lent or value is not None
+        return value
+
+
 def _stored_size(raw: Any) -> int | None:
     """The size of the open file ``raw`` without reading it (None when the stream cannot tell)."""
     try:
@@ -310,10 +321,12 @@ class Reader:
             load_adapter_state(module, self.load(info, verify=verify), strict=strict,
                                where=self.storage.display(info.name))
             return
-        live = module.state_dict()
+        live = _Lent(module.state_dict())
         try:
             state = self.load(info, verify=verify, into=live)
         except CorruptCheckpointError as exc:
+            if not live.lent:  # refused before any byte reached the model (a size, a header)
+                raise
             raise CorruptCheckpointError(
                 f"{exc}; the model now holds partly loaded weights: restore another checkpoint") from exc
         loaded = {_storage_id(live[k]): k for k in state if k in live}
