@@ -177,8 +177,10 @@ class Probe:
             raise AssertionError(f"{row} did not restore {bad[:3]}")
 
 
-def run(probe: Probe, target: str, reps: int) -> dict[str, list[float]]:
+def run(probe: Probe, target: str, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds (every thread of this process) of each row, ``reps`` times, interleaved."""
     times: dict[str, list[float]] = {row: [] for row in ROWS}
+    cpu: dict[str, list[float]] = {row: [] for row in ROWS}
     for rep in range(reps):
         order = ROWS[rep % len(ROWS):] + ROWS[: rep % len(ROWS)]  # rotated: no row always follows the same one
         for row in order:
@@ -188,16 +190,17 @@ def run(probe: Probe, target: str, reps: int) -> dict[str, list[float]]:
             probe.scramble(optimizer)
             drop_page_cache()
             fn: Callable[[torch.optim.Optimizer], None] = getattr(probe, row)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(optimizer)
-            elapsed = time.perf_counter() - t0
+            elapsed, used = time.perf_counter() - t0, time.process_time() - c0
             probe.check(optimizer, row)
             if target == "live":
                 probe.optimizer = optimizer
             times[row].append(elapsed)
-            print(f"  [{target}] rep {rep + 1} {row:14s} {elapsed:6.3f} s   load {os.getloadavg()[0]:.2f}",
-                  flush=True)
-    return times
+            cpu[row].append(used)
+            print(f"  [{target}] rep {rep + 1} {row:14s} {elapsed:6.3f} s  cpu {used:6.3f} s   "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    return times, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,16 +224,17 @@ def main(argv: list[str] | None = None) -> int:
         probe = Probe(folder)
         print(f"checkpoint: {probe.bytes / 1e9:.2f} GB (torch.save file); load average at start "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-        results: dict[str, Any] = {"bytes": probe.bytes, "load_start": os.getloadavg(), "targets": {}}
+        results: dict[str, Any] = {"bytes": probe.bytes, "load_start": os.getloadavg(), "targets": {}, "cpu": {}}
         targets = ("live", "fresh") if args.target == "both" else (args.target,)
         for target in targets:
-            results["targets"][target] = run(probe, target, args.reps)
+            results["targets"][target], results["cpu"][target] = run(probe, target, args.reps)
         results["load_end"] = os.getloadavg()
         print(f"\nmedians of {args.reps} cold restores, interleaved; load average at end "
               f"{' '.join(f'{x:.2f}' for x in results['load_end'])}")
         for target, times in results["targets"].items():
             med = {row: statistics.median(ts) for row, ts in times.items()}
-            print(f"[{target}] " + "  ".join(f"{row} {med[row]:.3f} s" for row in ROWS))
+            cpu = {row: statistics.median(ts) for row, ts in results["cpu"][target].items()}
+            print(f"[{target}] " + "  ".join(f"{row} {med[row]:.3f} s (cpu {cpu[row]:.2f})" for row in ROWS))
             for row in ("ours", "ours_noverify"):
                 print(f"[{target}]   {row:14s} {med[row] / med['torch_load']:.2f}x torch_load (target <= 1.0)  "
                       f"{med[row] / med['safetensors']:.2f}x safetensors (target <= 1.2)")

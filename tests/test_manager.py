@@ -480,32 +480,50 @@ def damage(root: str, rel: str, how: str) -> None:
     fs.pipe_file(target, bytes(data))
 
 
-def snapshot(net: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [t.clone() for t in net.state_dict().values()] + [
-        v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+def scramble(net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Change every weight and optimizer state tensor in place; return copies of both as they now are."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        for v in (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)):
+            v.add_(1.0)
+    return copies(net, opt)
+
+
+def copies(net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return ([t.clone() for t in net.state_dict().values()],
+            [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("how", ["flip early", "flip late", "truncate", "append"])
 @pytest.mark.parametrize("rel", ["model.safetensors", "optimizer.safetensors"])
-def test_restore_refuses_any_damaged_byte_and_says_what_it_changed(root, rel, how):
+@pytest.mark.parametrize("optimizer", ["with state", "new"])
+def test_restore_refuses_any_damaged_byte_and_says_what_it_changed(root, rel, how, optimizer):
     net, opt = trained_wide_net()
     m = CheckpointManager(root)
     m.save(net, step=1, optimizer=opt)
     damage(root, f"checkpoint-1/{rel}", how)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1.0)
-    before = snapshot(net, opt)
+    if optimizer == "new":  # a resume in a new process: the optimizer has no state to fill
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    model_before, opt_before = scramble(net, opt)
+    opt.param_groups[0]["lr"] = 0.5
     with pytest.raises(CorruptCheckpointError, match=f"checkpoint-1/{rel}") as caught:
         m.restore("latest", model=net, optimizer=opt)
-    after = snapshot(net, opt)
-    untouched = all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
-    if rel == "model.safetensors" and how.startswith("flip"):
-        # the weights are read into the model's own memory: only the end of the file tells
-        assert "partly loaded" in str(caught.value)
-        assert not untouched
-    else:  # a wrong size is refused before a byte is read; the training state is checked before the model
-        assert untouched and "partly loaded" not in str(caught.value)
+    message = str(caught.value)
+    model_after, opt_after = copies(net, opt)
+    if how in ("truncate", "append"):  # every size is checked before a byte is read
+        assert same(model_before, model_after) and same(opt_before, opt_after)
+    else:  # weights and optimizer state are read side by side into their own memory: the end of a file tells
+        assert not same(model_before, model_after)
+        assert same(opt_before, opt_after) == (optimizer == "new")
+    assert ("the model" in message) == (not same(model_before, model_after)), message
+    assert ("the optimizer's state tensors" in message) == (not same(opt_before, opt_after)), message
+    assert opt.param_groups[0]["lr"] == 0.5  # nothing applied: its own settings,
+    assert (not opt.state) == (optimizer == "new")  # and a new optimizer still without state
     if how.startswith("flip"):
         m.restore("latest", model=net, optimizer=opt, verify=False)  # only the sha256 stood between
 

@@ -38,7 +38,14 @@ from ._layout import (
     is_model_weights,
 )
 from ._pretrained import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state
-from ._serialization import ALIASES_KEY, add_aliases, aliases_from_metadata, parse_index, read_safetensors
+from ._serialization import (
+    ALIASES_KEY,
+    add_aliases,
+    aliases_from_metadata,
+    flatten_state,
+    parse_index,
+    read_safetensors,
+)
 from ._sidecar import CheckpointInfo, FileEntry, loads_strict
 from ._storage import Storage
 from ._training import TrainingState, TrainingStateValues, unwrap_model
@@ -185,6 +192,19 @@ class _Lent(dict[str, torch.Tensor]):
         return value
 
 
+def _optimizer_tensors(optimizer: Any) -> dict[str, torch.Tensor]:
+    """The optimizer's own state tensors, under the names `TrainingState.capture` stores them with
+    (``optimizer.state.0.exp_avg``); empty for an optimizer without state or a state dict that is
+    not plain (then the stored state gets new memory, as it would anyway)."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or not optimizer.state:
+        return {}
+    try:
+        _, tensors = flatten_state({"optimizer": optimizer.state_dict()})
+    except Exception:  # any failure here only means no memory is reused
+        return {}
+    return tensors
+
+
 def _stored_size(raw: Any) -> int | None:
     """The size of the open file ``raw`` without reading it (None when the stream cannot tell)."""
     try:
@@ -217,6 +237,21 @@ class Reader:
         """The sidecar entry of file ``rel``: its stored path, or its logical one (a compressed file)."""
         return next((f for f in info.files if f.path == rel or f.logical_path == rel), None)
 
+    def _listed(self, info: CheckpointInfo, rel: str) -> tuple[FileEntry, str]:
+        """The sidecar entry of ``rel`` and how to name the stored file in errors."""
+        entry = self.entry(info, rel)
+        where = self._where(info, rel)
+        if entry is None:
+            raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
+        if entry.blob is not None:  # stored once for every checkpoint naming it; untrusted all the same
+            where = f"{where} (stored once at {self.storage.display(entry.location(info.name))})"
+        return entry, where
+
+    @staticmethod
+    def _wrong_size(entry: FileEntry, where: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where} does not have the {entry.size} bytes the sidecar says: it is truncated or altered")
+
     @contextlib.contextmanager
     def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True,
                       hashing: bool | None = None) -> Iterator[_HashingReader]:
@@ -227,18 +262,11 @@ class Reader:
         they differ). ``hashing`` (default ``verify``): compute the sha256 even when not checking
         it here (`problems` compares it itself).
         """
-        entry = self.entry(info, rel)
-        where = self._where(info, rel)
-        if entry is None:
-            raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
-        if entry.blob is not None:  # stored once for every checkpoint naming it; untrusted all the same
-            where = f"{where} (stored once at {self.storage.display(entry.location(info.name))})"
-        wrong_size = CorruptCheckpointError(
-            f"{where} does not have the {entry.size} bytes the sidecar says: it is truncated or altered")
+        entry, where = self._listed(info, rel)
         try:
             with self.storage.open_read(entry.location(info.name)) as raw:
                 if verify and _stored_size(raw) not in (None, entry.size):
-                    raise wrong_size  # before any byte reaches a model: truncated or grown files load nothing
+                    raise self._wrong_size(entry, where)
                 if self.storage.is_local:
                     _advise_sequential(raw)
                 stream = _HashingReader(raw, entry.size, hashing=verify if hashing is None else hashing)
@@ -247,7 +275,7 @@ class Reader:
                     if verify:
                         stream.drain()
                         if stream.size != entry.size or not stream.at_end():
-                            raise wrong_size
+                            raise self._wrong_size(entry, where)
                         if stream.digest.hexdigest() != entry.sha256:
                             raise CorruptCheckpointError(
                                 f"{where} does not match its sha256 in the sidecar: it is corrupt")
@@ -255,6 +283,19 @@ class Reader:
                     stream.close()
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
+
+    def check_sizes(self, info: CheckpointInfo, rels: Collection[str]) -> None:
+        """Refuse a missing, truncated or grown file among ``rels`` before any of them is read
+        into anything (`CorruptCheckpointError`); one open each, nothing read."""
+        for rel in rels:
+            entry, where = self._listed(info, rel)
+            try:
+                with self.storage.open_read(entry.location(info.name)) as raw:
+                    size = _stored_size(raw)
+            except CheckpointNotFoundError as exc:
+                raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
+            if size not in (None, entry.size):
+                raise self._wrong_size(entry, where)
 
     @contextlib.contextmanager
     def open_decoded(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[Any]:
@@ -314,6 +355,74 @@ class Reader:
         add_aliases(state, aliases, where=self.storage.display(info.name))
         return state
 
+    def restore(self, info: CheckpointInfo, *, model: Any = None, optimizer: Any = None, scheduler: Any = None,
+                rng: bool = True, stateful: Mapping[str, Any] | None = None, strict: bool = True,
+                verify: bool = True) -> None:
+        """Load unsharded checkpoint ``info`` into ``model`` and the training objects.
+
+        The weights are read into the model's own tensors, the optimizer state into the
+        optimizer's own state tensors where they match (a new optimizer's state takes new memory),
+        and with both wanted the two files are read at once, each hashed on a thread of its own:
+        on two cores the sha256 of one file runs beside the other's. With ``verify`` every file's
+        size is checked before anything is read (a missing, truncated or grown file changes
+        nothing); the optimizer, scheduler, RNG and ``stateful`` objects are set only once every
+        byte checked out. Damage found after bytes reached the model or the optimizer's tensors
+        raises `CorruptCheckpointError` saying so.
+        """
+        wanted = optimizer is not None or scheduler is not None or bool(stateful)
+        training = (wanted or rng) and self.has_training_state(info)
+        if wanted and not training:
+            raise CheckpointNotFoundError(f"checkpoint {info.name!r} in {self.storage.display()} has no "
+                                          "optimizer/scheduler/stateful state to restore")
+        if verify:
+            reads = [*(self._weight_files(info) if model is not None else []),
+                     *([TRAINING_STATE_FILE, OPTIMIZER_FILE] if training else [])]
+            self.check_sizes(info, [rel for rel in reads if self.entry(info, rel) is not None])
+        lent = _Lent(_optimizer_tensors(optimizer) if training else {})
+        values: TrainingStateValues | None = None
+        if not training or model is None:
+            if model is not None:
+                self.restore_model(info, model, strict=strict, verify=verify)
+            if training:
+                values = self._training_state_into(info, lent, verify=verify, model_loaded=False)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="ckpt-restore") as pool:
+                pending = pool.submit(self._training_state_into, info, lent, verify=verify, model_loaded=True)
+                try:
+                    self.restore_model(info, model, strict=strict, verify=verify)
+                except CorruptCheckpointError as exc:
+                    with contextlib.suppress(Exception):
+                        pending.result()  # it fills the optimizer's tensors: wait, then say whether it did
+                    if lent.lent:
+                        raise CorruptCheckpointError(
+                            f"{exc}; the optimizer's state tensors were overwritten too") from exc
+                    raise
+                values = pending.result()
+        if values is not None:
+            values.apply(optimizer=optimizer, scheduler=scheduler, rng=rng, stateful=stateful)
+
+    def _training_state_into(self, info: CheckpointInfo, lent: _Lent, *, verify: bool,
+                             model_loaded: bool) -> TrainingStateValues:
+        """`training_state`, read into ``lent`` tensors; damage found after bytes reached them (or a
+        model loaded beside) says so."""
+        try:
+            return self.training_state(info, verify=verify, into=lent)
+        except CorruptCheckpointError as exc:
+            changed = [what for what, hit in (("the model already holds this checkpoint's weights", model_loaded),
+                                              ("the optimizer's state tensors are partly overwritten", lent.lent))
+                       if hit]
+            if not changed:
+                raise
+            raise CorruptCheckpointError(
+                f"{exc}; the restore is partly done: {' and '.join(changed)}; restore another checkpoint") from exc
+
+    def _weight_files(self, info: CheckpointInfo) -> builtins.list[str]:
+        """The files `load` reads for the model's weights (the index names the shards)."""
+        if self.entry(info, MODEL_INDEX) is not None:
+            return [MODEL_INDEX]  # the shards it names are checked as they are opened
+        files = [f.logical_path for f in info.files if is_model_weights(f.logical_path)]
+        return files or ([ADAPTER_WEIGHTS] if self.entry(info, ADAPTER_WEIGHTS) is not None else [])
+
     def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:
         """Read checkpoint ``info``'s weights straight into ``model``'s own tensors."""
         module = unwrap_model(model)
@@ -348,7 +457,9 @@ class Reader:
     def has_training_state(self, info: CheckpointInfo) -> bool:
         return self.entry(info, TRAINING_STATE_FILE) is not None
 
-    def training_state(self, info: CheckpointInfo, *, verify: bool = True) -> TrainingStateValues:
+    def training_state(self, info: CheckpointInfo, *, verify: bool = True,
+                       into: Mapping[str, torch.Tensor] | None = None) -> TrainingStateValues:
+        """The training state of ``info``; tensors of ``into`` that match a stored one are filled in place."""
         if not self.has_training_state(info):
             raise CheckpointNotFoundError(
                 f"checkpoint {info.name!r} in {self.storage.display()} has no training state")
@@ -359,7 +470,7 @@ class Reader:
                 path = os.path.join(folder, sharded.OPTIMIZER_DIR)
                 tensors = sharded.load_plain(path) if os.path.isdir(path) else {}
         elif self.entry(info, OPTIMIZER_FILE) is not None:
-            tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify)
+            tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify, into=into)
         return TrainingState.from_files(doc, tensors, where=self._where(info, TRAINING_STATE_FILE))
 
     # --- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
