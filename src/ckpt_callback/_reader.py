@@ -182,9 +182,13 @@ class _HashingReader:
 
 
 class _Lent(dict[str, torch.Tensor]):
-    """A model's own tensors lent to `read_safetensors` to fill; ``lent``: whether any was asked for."""
+    """Live tensors (a model's, an optimizer's) lent to `read_safetensors` to fill in place: those
+    on the CPU, the only ones it fills. ``lent``: whether any was asked for (bytes may have landed)."""
 
     lent = False
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().__init__({k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"})
 
     def get(self, key: str, default: Any = None) -> Any:
         value = super().get(key, default)
@@ -416,12 +420,12 @@ class Reader:
             raise CorruptCheckpointError(
                 f"{exc}; the restore is partly done: {' and '.join(changed)}; restore another checkpoint") from exc
 
-    def _weight_files(self, info: CheckpointInfo) -> builtins.list[str]:
-        """The files `load` reads for the model's weights (the index names the shards)."""
-        if self.entry(info, MODEL_INDEX) is not None:
-            return [MODEL_INDEX]  # the shards it names are checked as they are opened
-        files = [f.logical_path for f in info.files if is_model_weights(f.logical_path)]
-        return files or ([ADAPTER_WEIGHTS] if self.entry(info, ADAPTER_WEIGHTS) is not None else [])
+    @staticmethod
+    def _weight_files(info: CheckpointInfo) -> builtins.list[str]:
+        """The files `load` reads for the model's weights: the index and the shards, or an adapter's."""
+        files = [f.logical_path for f in info.files
+                 if is_model_weights(f.logical_path) or f.logical_path == MODEL_INDEX]
+        return files or [f.logical_path for f in info.files if f.logical_path == ADAPTER_WEIGHTS]
 
     def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:
         """Read checkpoint ``info``'s weights straight into ``model``'s own tensors."""
@@ -430,11 +434,12 @@ class Reader:
             load_adapter_state(module, self.load(info, verify=verify), strict=strict,
                                where=self.storage.display(info.name))
             return
-        live = _Lent(module.state_dict())
+        live = module.state_dict()
+        lent = _Lent(live)
         try:
-            state = self.load(info, verify=verify, into=live)
+            state = self.load(info, verify=verify, into=lent)
         except CorruptCheckpointError as exc:
-            if not live.lent:  # refused before any byte reached the model (a size, a header)
+            if not lent.lent:  # refused before any byte reached the model (a size, a header)
                 raise
             raise CorruptCheckpointError(
                 f"{exc}; the model now holds partly loaded weights: restore another checkpoint") from exc
