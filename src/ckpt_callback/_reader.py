@@ -221,12 +221,6 @@ def _stored_size(raw: Any) -> int | None:
         return None
 
 
-def _advise_sequential(raw: Any) -> None:
-    """Ask the kernel for a larger readahead on a local file read from start to end."""
-    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-
 class Reader:
     """Reads the files of committed checkpoints under one root."""
 
@@ -271,8 +265,6 @@ class Reader:
             with self.storage.open_read(entry.location(info.name)) as raw:
                 if verify and _stored_size(raw) not in (None, entry.size):
                     raise self._wrong_size(entry, where)
-                if self.storage.is_local:
-                    _advise_sequential(raw)
                 stream = _HashingReader(raw, entry.size, hashing=verify if hashing is None else hashing)
                 try:
                     yield stream
