@@ -19,6 +19,11 @@ Rows:
   (verify=True: sha256 of every byte read, RNG states restored);
 - ``ours_noverify``: the same with ``verify=False``.
 
+Before each restore, freed memory is handed back to the kernel and the probe waits ``--settle``
+seconds (default 3): this VM hands freed memory back to the host after a pause, and touching it
+again costs 2-3x more CPU, so without the wait a row's time depends on how long ago the row before
+it freed its memory. With it every row meets memory as a new process after an idle pause does.
+
 Targets (``--target``): ``live`` restores into the model and optimizer that saved (the optimizer
 already holds state, as in ``bench_save.py``), ``fresh`` into the same model and a new AdamW
 without state (a resume in a new process: the optimizer state needs new memory), ``both``.
@@ -29,6 +34,9 @@ without state (a resume in a new process: the optimizer state needs new memory),
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -179,7 +187,14 @@ class Probe:
             raise AssertionError(f"{row} did not restore {bad[:3]}")
 
 
-def run(probe: Probe, target: str, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def release_memory() -> None:
+    """Hand freed memory back to the kernel (gc + malloc_trim), as a new process would start."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def run(probe: Probe, target: str, reps: int, settle: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU seconds (every thread of this process) of each row, ``reps`` times, interleaved."""
     times: dict[str, list[float]] = {row: [] for row in ROWS}
     cpu: dict[str, list[float]] = {row: [] for row in ROWS}
@@ -190,6 +205,8 @@ def run(probe: Probe, target: str, reps: int) -> tuple[dict[str, list[float]], d
             if target == "fresh":
                 optimizer = torch.optim.AdamW(probe.model.parameters(), lr=1e-4)
             probe.scramble(optimizer)
+            release_memory()
+            time.sleep(settle)  # the VM hands freed memory back to the host after a pause: same state for every row
             drop_page_cache()
             fn: Callable[[torch.optim.Optimizer], None] = getattr(probe, row)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -211,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=("live", "fresh", "both"), default="both")
     parser.add_argument("--dir", default=None, help="where to write the files (default: the system temp dir)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to wait after freeing memory before each restore (default 3)")
     args = parser.parse_args(argv)
     try:
         drop_page_cache()
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"bytes": probe.bytes, "load_start": os.getloadavg(), "targets": {}, "cpu": {}}
         targets = ("live", "fresh") if args.target == "both" else (args.target,)
         for target in targets:
-            results["targets"][target], results["cpu"][target] = run(probe, target, args.reps)
+            results["targets"][target], results["cpu"][target] = run(probe, target, args.reps, args.settle)
         results["load_end"] = os.getloadavg()
         print(f"\nmedians of {args.reps} cold restores, interleaved; load average at end "
               f"{' '.join(f'{x:.2f}' for x in results['load_end'])}")
