@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import urllib.request
 import warnings
@@ -471,6 +472,111 @@ def test_restore_from_a_corrupt_file_says_the_model_is_partly_loaded(root, tiny_
     corrupt(root, "checkpoint-1/model.safetensors", "flip")
     with pytest.raises(CorruptCheckpointError, match="partly loaded"):
         m.restore("latest", model=tiny_net)
+
+
+class WideNet(torch.nn.Module):
+    """Tensors of 4 MiB: every read is hashed on the verifying thread, not in the caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(1024, 1024)
+        self.b = torch.nn.Linear(1024, 1024)
+
+
+def trained_wide_net() -> tuple[WideNet, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    net = WideNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net.b(net.a(torch.randn(2, 1024))).sum().backward()
+    opt.step()
+    return net, opt
+
+
+def damage(root: str, rel: str, how: str) -> None:
+    fs, path = fs_of(root)
+    target = f"{path}/{rel}"
+    data = bytearray(fs.cat_file(target))
+    if how == "flip early":  # the first tensor's bytes, read long before the end
+        (length,) = struct.unpack("<Q", data[:8])
+        data[8 + length + 5] ^= 0x01
+    elif how == "flip late":  # hashed only after the last read
+        data[-5] ^= 0x01
+    elif how == "truncate":
+        data = data[:-4]
+    elif how == "append":
+        data += b"\0" * 4
+    fs.pipe_file(target, bytes(data))
+
+
+def scramble(net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Change every weight and optimizer state tensor in place; return copies of both as they now are."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        for v in (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)):
+            v.add_(1.0)
+    return copies(net, opt)
+
+
+def copies(net: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return ([t.clone() for t in net.state_dict().values()],
+            [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("how", ["flip early", "flip late", "truncate", "append"])
+@pytest.mark.parametrize("rel", ["model.safetensors", "optimizer.safetensors"])
+@pytest.mark.parametrize("optimizer", ["with state", "new"])
+def test_restore_refuses_any_damaged_byte_and_says_what_it_changed(root, rel, how, optimizer):
+    net, opt = trained_wide_net()
+    m = CheckpointManager(root)
+    m.save(net, step=1, optimizer=opt)
+    damage(root, f"checkpoint-1/{rel}", how)
+    if optimizer == "new":  # a resume in a new process: the optimizer has no state to fill
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    model_before, opt_before = scramble(net, opt)
+    opt.param_groups[0]["lr"] = 0.5
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint-1/{rel}") as caught:
+        m.restore("latest", model=net, optimizer=opt)
+    message = str(caught.value)
+    model_after, opt_after = copies(net, opt)
+    if how in ("truncate", "append"):  # every size is checked before a byte is read
+        assert same(model_before, model_after) and same(opt_before, opt_after)
+    else:  # weights and optimizer state are read side by side into their own memory: the end of a file tells
+        assert not same(model_before, model_after)
+        assert same(opt_before, opt_after) == (optimizer == "new")
+    assert ("the model" in message) == (not same(model_before, model_after)), message
+    assert ("the optimizer's state tensors" in message) == (not same(opt_before, opt_after)), message
+    assert opt.param_groups[0]["lr"] == 0.5  # nothing applied: its own settings,
+    assert (not opt.state) == (optimizer == "new")  # and a new optimizer still without state
+    if how.startswith("flip"):
+        m.restore("latest", model=net, optimizer=opt, verify=False)  # only the sha256 stood between
+
+
+def test_background_hash_matches_hashlib_and_drops_work_when_closed():
+    from ckpt_callback._reader import _HASH_LAG, _BackgroundSha256
+
+    data = bytes(range(256)) * (1 << 16)  # 16 MiB
+    pieces = [data[:7], data[7 : 1 << 20], data[1 << 20 :], memoryview(data)[: _HASH_LAG // 4]] * 6
+    digest = _BackgroundSha256()
+    for i, piece in enumerate(pieces):
+        (digest.update_now if i % 5 == 0 else digest.update)(piece)
+    expected = hashlib.sha256(b"".join(bytes(p) for p in pieces)).hexdigest()
+    assert digest.hexdigest() == expected
+    digest.close()
+    abandoned = _BackgroundSha256()
+    for piece in pieces:
+        abandoned.update(piece)
+    abandoned.close()  # an abandoned stream: its thread ends, and a partial digest is never returned
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-verify")]
+    if abandoned._dropped:
+        with pytest.raises(RuntimeError, match="not hashed"):
+            abandoned.hexdigest()
+    else:
+        assert abandoned.hexdigest() == expected
 
 
 def test_interpreter_exit_waits_for_the_last_background_save(tmp_path):

@@ -687,15 +687,8 @@ class CheckpointManager:
                                          strict=strict, verify=verify, group=checkpoint_group())
             self.resumed(info)
             return info
-        if model is not None:
-            self._reader.restore_model(info, model, strict=strict, verify=verify)
-        if optimizer is not None or scheduler is not None or rng or stateful:
-            if self._reader.has_training_state(info):
-                self._reader.training_state(info, verify=verify).apply(optimizer=optimizer, scheduler=scheduler,
-                                                                       rng=rng, stateful=stateful)
-            elif optimizer is not None or scheduler is not None or stateful:
-                raise CheckpointNotFoundError(
-                    f"checkpoint {info.name!r} in {self.root} has no optimizer/scheduler/stateful state to restore")
+        self._reader.restore(info, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng,
+                             stateful=stateful, strict=strict, verify=verify)
         self.resumed(info)
         return info
 

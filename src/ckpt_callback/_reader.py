@@ -11,11 +11,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,14 @@ from ._layout import (
     is_model_weights,
 )
 from ._pretrained import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state
-from ._serialization import ALIASES_KEY, add_aliases, aliases_from_metadata, parse_index, read_safetensors
+from ._serialization import (
+    ALIASES_KEY,
+    add_aliases,
+    aliases_from_metadata,
+    flatten_state,
+    parse_index,
+    read_safetensors,
+)
 from ._sidecar import CheckpointInfo, FileEntry, loads_strict
 from ._storage import Storage
 from ._training import TrainingState, TrainingStateValues, unwrap_model
@@ -43,14 +53,85 @@ from ._training import TrainingState, TrainingStateValues, unwrap_model
 __all__ = ["Reader"]
 
 _BLOCK = 8 << 20
+_HASH_LAG = 64 << 20  # how far the hash thread may fall behind the reads (bytes still unhashed)
+_INLINE_HASH = 1 << 20  # updates smaller than this, before any larger one, are hashed in the caller
+
+
+class _BackgroundSha256:
+    """sha256 whose updates run in order on a thread of its own, beside the reads that feed it.
+
+    hashlib releases the GIL while it hashes a large buffer, so on two cores a verified read
+    costs max(read, hash) instead of their sum. `update` hands the buffer over and returns (it
+    only waits when more than `_HASH_LAG` bytes are still unhashed): the caller must leave the
+    buffer unchanged until `hexdigest`. `update_now` hashes before it returns (a buffer the caller
+    reuses). The thread starts with the first large update and ends with `close`.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._queued = 0
+        self._dropped = False
+
+    def update(self, data: memoryview | bytes) -> None:
+        if self._executor is None and len(data) < _INLINE_HASH:  # a header or a JSON file: no thread for that
+            self._digest.update(data)
+            return
+        while self._pending and self._queued + len(data) > _HASH_LAG:
+            self._wait_oldest()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
+        try:
+            future = self._executor.submit(self._digest.update, data)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, hash here
+            self.update_now(data)
+            return
+        self._pending.append((future, len(data)))
+        self._queued += len(data)
+
+    def update_now(self, data: memoryview | bytes) -> None:
+        self._drain()
+        self._digest.update(data)
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._queued -= size
+        future.result()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def hexdigest(self) -> str:
+        if self._dropped:
+            raise RuntimeError("this digest was closed with updates not hashed")
+        self._drain()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread; updates not yet hashed are dropped (the stream was abandoned)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._dropped = self._dropped or bool(self._pending)
+        self._pending.clear()
+        self._queued = 0
 
 
 class _HashingReader:
-    """A read-only stream that hashes every byte and never reads past ``limit`` bytes."""
+    """A read-only stream that never reads past ``limit`` bytes and (``hashing``) hashes every byte.
 
-    def __init__(self, raw: Any, limit: int) -> None:
+    The hash runs beside the reads (`_BackgroundSha256`) wherever the bytes stay as they are:
+    what `read` returns, and what `readinto_kept` reads into the caller's memory (the tensors
+    being filled). `readinto` is for a buffer the caller reuses: its bytes are hashed before it
+    returns.
+    """
+
+    def __init__(self, raw: Any, limit: int, *, hashing: bool = True) -> None:
         self.raw = raw
-        self.digest = hashlib.sha256()
+        self.digest = _BackgroundSha256()
+        self.hashing = hashing
         self.size = 0
         self.limit = limit
 
@@ -58,22 +139,33 @@ class _HashingReader:
         room = self.limit - self.size
         n = room if n is None or n < 0 else min(n, room)
         data = bytes(self.raw.read(n)) if n > 0 else b""
-        self.digest.update(data)
+        if self.hashing and data:
+            self.digest.update(data)
         self.size += len(data)
         return data
 
-    def readinto(self, view: memoryview) -> int:
-        view = view[: max(0, self.limit - self.size)]
-        if not len(view):
-            return 0
+    def _fill(self, view: memoryview) -> int:
         readinto = getattr(self.raw, "readinto", None)
         if readinto is not None:
-            n = readinto(view) or 0
-        else:
-            data = self.raw.read(len(view))
-            n = len(data)
-            view[:n] = data
-        self.digest.update(view[:n])
+            return int(readinto(view) or 0)
+        data = self.raw.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readinto(self, view: memoryview) -> int:
+        view = view[: max(0, self.limit - self.size)]
+        n = self._fill(view) if len(view) else 0
+        if self.hashing and n:
+            self.digest.update_now(view[:n])
+        self.size += n
+        return n
+
+    def readinto_kept(self, view: memoryview) -> int:
+        """`readinto` into memory the caller leaves unchanged until the stream is checked (hashed later)."""
+        view = view[: max(0, self.limit - self.size)]
+        n = self._fill(view) if len(view) else 0
+        if self.hashing and n:
+            self.digest.update(view[:n])
         self.size += n
         return n
 
@@ -84,6 +176,49 @@ class _HashingReader:
     def at_end(self) -> bool:
         """Whether the underlying file has nothing beyond what was read (a longer file is altered)."""
         return not self.raw.read(1)
+
+    def close(self) -> None:
+        self.digest.close()
+
+
+class _Lent(dict[str, torch.Tensor]):
+    """Live tensors (a model's, an optimizer's) lent to `read_safetensors` to fill in place: those
+    on the CPU, the only ones it fills. ``lent``: whether any was asked for (bytes may have landed)."""
+
+    lent = False
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().__init__({k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = super().get(key, default)
+        self.lent = self.lent or value is not None
+        return value
+
+
+def _optimizer_tensors(optimizer: Any) -> dict[str, torch.Tensor]:
+    """The optimizer's own state tensors, under the names `TrainingState.capture` stores them with
+    (``optimizer.state.0.exp_avg``); empty for an optimizer without state or a state dict that is
+    not plain (then the stored state gets new memory, as it would anyway)."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or not optimizer.state:
+        return {}
+    try:
+        _, tensors = flatten_state({"optimizer": optimizer.state_dict()})
+    except Exception:  # any failure here only means no memory is reused
+        return {}
+    return tensors
+
+
+def _stored_size(raw: Any) -> int | None:
+    """The size of the open file ``raw`` without reading it (None when the stream cannot tell)."""
+    try:
+        if not raw.seekable():
+            return None
+        end = int(raw.seek(0, os.SEEK_END))
+        raw.seek(0)
+        return end
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
 
 
 class Reader:
@@ -100,30 +235,63 @@ class Reader:
         """The sidecar entry of file ``rel``: its stored path, or its logical one (a compressed file)."""
         return next((f for f in info.files if f.path == rel or f.logical_path == rel), None)
 
-    @contextlib.contextmanager
-    def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[_HashingReader]:
-        """A stream of file ``rel`` of ``info``, bounded by its listed size; on a clean exit with
-        ``verify`` the size and sha256 are checked (`CorruptCheckpointError` if they differ)."""
+    def _listed(self, info: CheckpointInfo, rel: str) -> tuple[FileEntry, str]:
+        """The sidecar entry of ``rel`` and how to name the stored file in errors."""
         entry = self.entry(info, rel)
         where = self._where(info, rel)
         if entry is None:
             raise CorruptCheckpointError(f"{where} is not listed in the checkpoint's sidecar")
         if entry.blob is not None:  # stored once for every checkpoint naming it; untrusted all the same
             where = f"{where} (stored once at {self.storage.display(entry.location(info.name))})"
+        return entry, where
+
+    @staticmethod
+    def _wrong_size(entry: FileEntry, where: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where} does not have the {entry.size} bytes the sidecar says: it is truncated or altered")
+
+    @contextlib.contextmanager
+    def open_verified(self, info: CheckpointInfo, rel: str, *, verify: bool = True,
+                      hashing: bool | None = None) -> Iterator[_HashingReader]:
+        """A stream of file ``rel`` of ``info``, bounded by its listed size.
+
+        With ``verify``, a file whose stored size is not the listed one is refused before a byte
+        is read, and on a clean exit the size and sha256 are checked (`CorruptCheckpointError` if
+        they differ). ``hashing`` (default ``verify``): compute the sha256 even when not checking
+        it here (`problems` compares it itself).
+        """
+        entry, where = self._listed(info, rel)
         try:
             with self.storage.open_read(entry.location(info.name)) as raw:
-                stream = _HashingReader(raw, entry.size)
-                yield stream
-                if verify:
-                    stream.drain()
-                    if stream.size != entry.size or not stream.at_end():
-                        raise CorruptCheckpointError(
-                            f"{where} does not have the {entry.size} bytes the sidecar says: "
-                            "it is truncated or altered")
-                    if stream.digest.hexdigest() != entry.sha256:
-                        raise CorruptCheckpointError(f"{where} does not match its sha256 in the sidecar: it is corrupt")
+                if verify and _stored_size(raw) not in (None, entry.size):
+                    raise self._wrong_size(entry, where)
+                stream = _HashingReader(raw, entry.size, hashing=verify if hashing is None else hashing)
+                try:
+                    yield stream
+                    if verify:
+                        stream.drain()
+                        if stream.size != entry.size or not stream.at_end():
+                            raise self._wrong_size(entry, where)
+                        if stream.digest.hexdigest() != entry.sha256:
+                            raise CorruptCheckpointError(
+                                f"{where} does not match its sha256 in the sidecar: it is corrupt")
+                finally:
+                    stream.close()
         except CheckpointNotFoundError as exc:
             raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
+
+    def check_sizes(self, info: CheckpointInfo, rels: Collection[str]) -> None:
+        """Refuse a missing, truncated or grown file among ``rels`` before any of them is read
+        into anything (`CorruptCheckpointError`); one open each, nothing read."""
+        for rel in rels:
+            entry, where = self._listed(info, rel)
+            try:
+                with self.storage.open_read(entry.location(info.name)) as raw:
+                    size = _stored_size(raw)
+            except CheckpointNotFoundError as exc:
+                raise CorruptCheckpointError(f"{where} is missing; the checkpoint is damaged") from exc
+            if size not in (None, entry.size):
+                raise self._wrong_size(entry, where)
 
     @contextlib.contextmanager
     def open_decoded(self, info: CheckpointInfo, rel: str, *, verify: bool = True) -> Iterator[Any]:
@@ -183,6 +351,74 @@ class Reader:
         add_aliases(state, aliases, where=self.storage.display(info.name))
         return state
 
+    def restore(self, info: CheckpointInfo, *, model: Any = None, optimizer: Any = None, scheduler: Any = None,
+                rng: bool = True, stateful: Mapping[str, Any] | None = None, strict: bool = True,
+                verify: bool = True) -> None:
+        """Load unsharded checkpoint ``info`` into ``model`` and the training objects.
+
+        The weights are read into the model's own tensors, the optimizer state into the
+        optimizer's own state tensors where they match (a new optimizer's state takes new memory),
+        and with both wanted the two files are read at once, each hashed on a thread of its own:
+        on two cores the sha256 of one file runs beside the other's. With ``verify`` every file's
+        size is checked before anything is read (a missing, truncated or grown file changes
+        nothing); the optimizer, scheduler, RNG and ``stateful`` objects are set only once every
+        byte checked out. Damage found after bytes reached the model or the optimizer's tensors
+        raises `CorruptCheckpointError` saying so.
+        """
+        wanted = optimizer is not None or scheduler is not None or bool(stateful)
+        training = (wanted or rng) and self.has_training_state(info)
+        if wanted and not training:
+            raise CheckpointNotFoundError(f"checkpoint {info.name!r} in {self.storage.display()} has no "
+                                          "optimizer/scheduler/stateful state to restore")
+        if verify:
+            reads = [*(self._weight_files(info) if model is not None else []),
+                     *([TRAINING_STATE_FILE, OPTIMIZER_FILE] if training else [])]
+            self.check_sizes(info, [rel for rel in reads if self.entry(info, rel) is not None])
+        lent = _Lent(_optimizer_tensors(optimizer) if training else {})
+        values: TrainingStateValues | None = None
+        if not training or model is None:
+            if model is not None:
+                self.restore_model(info, model, strict=strict, verify=verify)
+            if training:
+                values = self._training_state_into(info, lent, verify=verify, model_loaded=False)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="ckpt-restore") as pool:
+                pending = pool.submit(self._training_state_into, info, lent, verify=verify, model_loaded=True)
+                try:
+                    self.restore_model(info, model, strict=strict, verify=verify)
+                except CorruptCheckpointError as exc:
+                    with contextlib.suppress(Exception):
+                        pending.result()  # it fills the optimizer's tensors: wait, then say whether it did
+                    if lent.lent:
+                        raise CorruptCheckpointError(
+                            f"{exc}; the optimizer's state tensors were overwritten too") from exc
+                    raise
+                values = pending.result()
+        if values is not None:
+            values.apply(optimizer=optimizer, scheduler=scheduler, rng=rng, stateful=stateful)
+
+    def _training_state_into(self, info: CheckpointInfo, lent: _Lent, *, verify: bool,
+                             model_loaded: bool) -> TrainingStateValues:
+        """`training_state`, read into ``lent`` tensors; damage found after bytes reached them (or a
+        model loaded beside) says so."""
+        try:
+            return self.training_state(info, verify=verify, into=lent)
+        except CorruptCheckpointError as exc:
+            changed = [what for what, hit in (("the model already holds this checkpoint's weights", model_loaded),
+                                              ("the optimizer's state tensors are partly overwritten", lent.lent))
+                       if hit]
+            if not changed:
+                raise
+            raise CorruptCheckpointError(
+                f"{exc}; the restore is partly done: {' and '.join(changed)}; restore another checkpoint") from exc
+
+    @staticmethod
+    def _weight_files(info: CheckpointInfo) -> builtins.list[str]:
+        """The files `load` reads for the model's weights: the index and the shards, or an adapter's."""
+        files = [f.logical_path for f in info.files
+                 if is_model_weights(f.logical_path) or f.logical_path == MODEL_INDEX]
+        return files or [f.logical_path for f in info.files if f.logical_path == ADAPTER_WEIGHTS]
+
     def restore_model(self, info: CheckpointInfo, model: Any, *, strict: bool = True, verify: bool = True) -> None:
         """Read checkpoint ``info``'s weights straight into ``model``'s own tensors."""
         module = unwrap_model(model)
@@ -191,9 +427,12 @@ class Reader:
                                where=self.storage.display(info.name))
             return
         live = module.state_dict()
+        lent = _Lent(live)
         try:
-            state = self.load(info, verify=verify, into=live)
+            state = self.load(info, verify=verify, into=lent)
         except CorruptCheckpointError as exc:
+            if not lent.lent:  # refused before any byte reached the model (a size, a header)
+                raise
             raise CorruptCheckpointError(
                 f"{exc}; the model now holds partly loaded weights: restore another checkpoint") from exc
         loaded = {_storage_id(live[k]): k for k in state if k in live}
@@ -215,7 +454,9 @@ class Reader:
     def has_training_state(self, info: CheckpointInfo) -> bool:
         return self.entry(info, TRAINING_STATE_FILE) is not None
 
-    def training_state(self, info: CheckpointInfo, *, verify: bool = True) -> TrainingStateValues:
+    def training_state(self, info: CheckpointInfo, *, verify: bool = True,
+                       into: Mapping[str, torch.Tensor] | None = None) -> TrainingStateValues:
+        """The training state of ``info``; tensors of ``into`` that match a stored one are filled in place."""
         if not self.has_training_state(info):
             raise CheckpointNotFoundError(
                 f"checkpoint {info.name!r} in {self.storage.display()} has no training state")
@@ -226,7 +467,7 @@ class Reader:
                 path = os.path.join(folder, sharded.OPTIMIZER_DIR)
                 tensors = sharded.load_plain(path) if os.path.isdir(path) else {}
         elif self.entry(info, OPTIMIZER_FILE) is not None:
-            tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify)
+            tensors, _ = self.read_tensors(info, OPTIMIZER_FILE, verify=verify, into=into)
         return TrainingState.from_files(doc, tensors, where=self._where(info, TRAINING_STATE_FILE))
 
     # --- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
@@ -341,16 +582,17 @@ class Reader:
         problems = []
         for entry in info.files:
             try:
-                with self.open_verified(info, entry.path, verify=False) as stream:
+                with self.open_verified(info, entry.path, verify=False, hashing=True) as stream:
                     stream.drain()
                     size = stream.size + _count_rest(stream.raw)
+                    digest = stream.digest.hexdigest()
             except CorruptCheckpointError:
                 shared = f" (its shared copy {entry.location(info.name)})" if entry.blob else ""
                 problems.append(f"{entry.path}: missing{shared}")
                 continue
             if size != entry.size:
                 problems.append(f"{entry.path}: size {size} != {entry.size} in the sidecar")
-            elif stream.digest.hexdigest() != entry.sha256:
+            elif digest != entry.sha256:
                 problems.append(f"{entry.path}: sha256 does not match the sidecar")
         listed = {e.path for e in info.files} | {SIDECAR}
         try:

@@ -49,6 +49,7 @@ ALIASES_KEY = "ckpt_callback.aliases"
 _CHUNK = 16 << 20
 _HASH_LAG_BYTES = 64 << 20  # how far hashing may fall behind the I/O (bounds memory kept alive)
 _HASH_INLINE_BYTES = 256 << 10  # smaller updates are hashed on the caller's thread when none is queued
+_READ_CHUNK = 16 << 20  # one read call of `read_safetensors`: 8-64 MiB all read as fast here
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
 _MAX_DIMS = 64
 
@@ -351,7 +352,12 @@ def _read_exact(src: Readable, n: int, where: str) -> bytes:
 
 
 class Readable(Protocol):
-    """What `read_safetensors` needs of a stream (``readinto`` is used when present)."""
+    """What `read_safetensors` needs of a stream.
+
+    ``readinto`` is used when present, and ``readinto_kept`` before it: the same call, with the
+    promise that the bytes read stay unchanged until the stream is done (they are the tensors
+    being filled), so the stream may hash them on another thread while it reads the next ones.
+    """
 
     def read(self, n: int = -1, /) -> bytes: ...
 
@@ -491,12 +497,12 @@ def _allocate(slot: TensorSlot, where: str, *, bounded: bool) -> torch.Tensor:
 
 def _readinto_all(src: Readable, view: memoryview) -> int:
     got = 0
-    readinto = getattr(src, "readinto", None)
+    readinto = getattr(src, "readinto_kept", None) or getattr(src, "readinto", None)
     while got < len(view):
         if readinto is not None:
-            n = readinto(view[got : got + _CHUNK])
+            n = readinto(view[got : got + _READ_CHUNK])
         else:
-            data = src.read(min(_CHUNK, len(view) - got))
+            data = src.read(min(_READ_CHUNK, len(view) - got))
             n = len(data)
             view[got : got + n] = data
         if not n:
