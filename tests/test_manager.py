@@ -557,7 +557,8 @@ def test_restore_refuses_any_damaged_byte_and_says_what_it_changed(root, rel, ho
 
 
 def test_background_hash_matches_hashlib_and_drops_work_when_closed():
-    from ckpt_callback._reader import _HASH_LAG, _BackgroundSha256
+    from ckpt_callback._reader import _BackgroundSha256
+    from ckpt_callback._serialization import _HASH_LAG_BYTES as _HASH_LAG
 
     data = bytes(range(256)) * (1 << 16)  # 16 MiB
     pieces = [data[:7], data[7 : 1 << 20], data[1 << 20 :], memoryview(data)[: _HASH_LAG // 4]] * 6

@@ -16,9 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from ._layout import (
 from ._pretrained import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state
 from ._serialization import (
     ALIASES_KEY,
+    ParallelDigest,
     add_aliases,
     aliases_from_metadata,
     flatten_state,
@@ -53,65 +53,40 @@ from ._training import TrainingState, TrainingStateValues, unwrap_model
 __all__ = ["Reader"]
 
 _BLOCK = 8 << 20
-_HASH_LAG = 64 << 20  # how far the hash thread may fall behind the reads (bytes still unhashed)
 _INLINE_HASH = 1 << 20  # updates smaller than this, before any larger one, are hashed in the caller
 
 
-class _BackgroundSha256:
+class _BackgroundSha256(ParallelDigest):
     """sha256 whose updates run in order on a thread of its own, beside the reads that feed it.
 
     hashlib releases the GIL while it hashes a large buffer, so on two cores a verified read
     costs max(read, hash) instead of their sum. `update` hands the buffer over and returns (it
-    only waits when more than `_HASH_LAG` bytes are still unhashed): the caller must leave the
-    buffer unchanged until `hexdigest`. `update_now` hashes before it returns (a buffer the caller
+    only waits when more than 64 MiB are still unhashed): the caller must leave the buffer
+    unchanged until `hexdigest`. `update_now` hashes before it returns (a buffer the caller
     reuses). The thread starts with the first large update and ends with `close`.
     """
 
     def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[None], int]] = deque()
-        self._queued = 0
+        super().__init__(None)
         self._dropped = False
 
     def update(self, data: memoryview | bytes) -> None:
-        if self._executor is None and len(data) < _INLINE_HASH:  # a header or a JSON file: no thread for that
-            self._digest.update(data)
-            return
-        while self._pending and self._queued + len(data) > _HASH_LAG:
-            self._wait_oldest()
-        if self._executor is None:
+        if self._executor is None and len(data) >= _INLINE_HASH:  # a header or a JSON file: no thread for that
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify")
-        try:
-            future = self._executor.submit(self._digest.update, data)
-        except RuntimeError:  # the interpreter is shutting down: no new threads, hash here
-            self.update_now(data)
-            return
-        self._pending.append((future, len(data)))
-        self._queued += len(data)
+        super().update(data)
 
     def update_now(self, data: memoryview | bytes) -> None:
         self._drain()
         self._digest.update(data)
 
-    def _wait_oldest(self) -> None:
-        future, size = self._pending.popleft()
-        self._queued -= size
-        future.result()
-
-    def _drain(self) -> None:
-        while self._pending:
-            self._wait_oldest()
-
     def hexdigest(self) -> str:
         if self._dropped:
             raise RuntimeError("this digest was closed with updates not hashed")
-        self._drain()
-        return self._digest.hexdigest()
+        return super().hexdigest()
 
     def close(self) -> None:
         """Stop the thread; updates not yet hashed are dropped (the stream was abandoned)."""
-        if self._executor is not None:
+        if isinstance(self._executor, ThreadPoolExecutor):
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self._dropped = self._dropped or bool(self._pending)
