@@ -545,7 +545,9 @@ class CommitProtocol:
                     return False
         if s.is_local:
             trash = f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
-            s.rename_local(name, trash, durable=False)  # a crash before the disk has it: still whole, deleted again
+            # Retention's (``later``) is not fsynced: after a crash before the disk has it the checkpoint is
+            # whole and is pruned again. A delete asked for by hand is durable when it returns.
+            s.rename_local(name, trash, durable=later is None)
             if later is None:
                 s.remove_tree(trash)
             else:
