@@ -41,11 +41,13 @@ LOOP = textwrap.dedent(
 
     warnings.simplefilter("ignore", CheckpointWarning)
     root, ending = sys.argv[1], sys.argv[2]
+    def say(*words):  # one write per line: the background save prints too
+        sys.stdout.write(" ".join(map(str, words)) + "\\n"); sys.stdout.flush()
     slow_writes = ending in ("async", "break-slow")
     if slow_writes:  # make the background save last long enough to be signalled half-way
         write = _storage.Storage.write_stream
         def slow(self, rel, produce, **options):
-            print("writing", rel, flush=True)
+            say("writing", rel)
             time.sleep(0.25)
             return write(self, rel, produce, **options)
         _storage.Storage.write_stream = slow
@@ -58,10 +60,10 @@ LOOP = textwrap.dedent(
         for step in range(1, 100_000):
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward(); opt.step(); opt.zero_grad()
-            print("step", step, flush=True)
+            say("step", step)
             saved = hook.step(step, loss=loss.item())
             if saved is not None:
-                print("returned", saved.name, flush=True)
+                say("returned", saved.name)
             if step == 7 and ending == "exit":
                 sys.exit(3)
             if step == 7 and ending in ("break", "break-slow"):
@@ -69,10 +71,10 @@ LOOP = textwrap.dedent(
             if step == 7 and ending == "crash":
                 raise ValueError("a bug in the training loop")
             if ending == "sigint-twice" and step >= 6:
-                print("sleeping after step", step, flush=True)  # hook.step() is done: no boundary for 0.5 s
+                say("sleeping after step", step)  # hook.step() is done: no boundary for 0.5 s
                 time.sleep(0.5)
             time.sleep(0.005)
-    print("after the with block", flush=True)
+    say("after the with block")
     """
 )
 
@@ -119,7 +121,7 @@ def test_sigterm_during_a_background_save_keeps_it_and_saves_the_final_one(
     reached = last_step(proc)
     saved = checkpoints(root)
     assert saved["checkpoint-5"][:2] == ("automatic", 5)  # the save in flight was committed first
-    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}")
+    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}"), proc.describe()
     lines = proc.lines()
     written_before = sum(1 for line in lines[: lines.index(f"step {reached}")] if line.startswith("writing"))
     files = len(CheckpointManager(root).get("checkpoint-5").files)
@@ -267,7 +269,7 @@ def test_hf_trainer_sigterm_after_a_request_sigusr1_during_evaluation_and_a_stop
     lines = term_out.read_text().splitlines()
     reached = max(int(line.split()[1]) for line in lines if line.startswith("step "))
     saved = checkpoints(term_root)
-    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}")
+    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}"), proc.describe()
     assert saved["asked-mid-run"][0] == "manual" and asked.type == "manual" and asked.step < reached
     assert "train() returned" not in lines
     # SIGUSR1 during the evaluation at step 10: saved there, mid-evaluation, no step 11
