@@ -23,7 +23,7 @@ pruner deletes checkpoints whose data others share).
 
 Every other replace and prune trial aims its kill into an operation (a save, a prune, a delete)
 instead of a uniformly random moment. ``CKPT_KILL_TRIALS`` sets the trials per mode and backend
-(default 4; .ci/run also runs 10 per mode on local and S3 as a later step); e.g. CKPT_KILL_TRIALS=100.
+(default 2; .ci/run also runs 10 per mode on local and S3 as a later step); e.g. CKPT_KILL_TRIALS=100.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointNotFoundError
 from conftest import CLOUD_BACKENDS, TrialProcess, TrialSpawner, make_root, root_fs, sidecarless_folders, trials_on
 
-TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "4"))
+TRIALS = int(os.environ.get("CKPT_KILL_TRIALS", "2"))
 MODES = ["sync", "async", "replace", "prune", "metrics", "frozen"]
 BACKENDS = ["local", *CLOUD_BACKENDS]  # on the GCS and Azure emulators: CKPT_EMULATOR_TRIALS per mode
 # How long a writer runs on after its first commit before the kill, at most (object stores are slower).

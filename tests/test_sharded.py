@@ -24,7 +24,9 @@ from test_distributed import launch
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).parent / "_sharded_worker.py"
-BACKENDS = ["local", "s3"]
+# S3 repeats of the local runs are `extended` (.ci/run's second step): each torchrun launch costs seconds.
+S3_EXTENDED = pytest.param("s3", marks=pytest.mark.extended)
+BACKENDS = ["local", S3_EXTENDED]
 
 
 def run(tmp_path: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
@@ -55,7 +57,7 @@ def s3_options(request: pytest.FixtureRequest, backend: str) -> dict[str, Any] |
     return dict(request.getfixturevalue("s3_server").storage_options) if backend == "s3" else None
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.extended)])  # S3: .ci/run
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fsdp2_resume_is_exact_and_reshards(backend: str, tmp_path: Path, request: pytest.FixtureRequest):
     # On S3 a shorter run (the launches cost seconds each): the same checks but 2 -> 3 ranks.
     options, total = s3_options(request, backend), 8 if backend == "local" else 4
@@ -120,7 +122,8 @@ def test_tensor_parallel_model_saves_and_loads_everywhere(tmp_path: Path):
 # Which rank dies, and when: after its shards are written (rank 1, or rank 0 which began the save),
 # or before. By default one per backend; CKPT_SHARDED_KILL_TRIALS=all runs every one.
 KILLS = ["1:4:after", "0:4:after", "1:4:before", "0:4:before"]
-KILL_TRIALS = [(b, k) for b in BACKENDS for k in (KILLS if os.environ.get("CKPT_SHARDED_KILL_TRIALS") == "all"
+KILL_TRIALS = [pytest.param(b, k, marks=[pytest.mark.extended] if b == "s3" else [])
+               for b in ("local", "s3") for k in (KILLS if os.environ.get("CKPT_SHARDED_KILL_TRIALS") == "all"
                                                   else KILLS[:1] if b == "s3" else KILLS[1:2])]
 
 
@@ -221,7 +224,7 @@ def reseal(folder: Path, rel: str, data: bytes) -> None:
     (folder / "checkpoint.json").write_text(json.dumps(sidecar))
 
 
-@pytest.mark.parametrize("backend", ["local", "memory", "s3"])
+@pytest.mark.parametrize("backend", ["local", "memory", S3_EXTENDED])
 def test_hostile_or_corrupt_sharded_checkpoints_are_clear_errors(backend: str, tmp_path: Path,
                                                                  request: pytest.FixtureRequest):
     from safetensors.torch import load_file, save_file
