@@ -60,8 +60,8 @@ COMMON = textwrap.dedent(
 
     warnings.simplefilter("ignore", CheckpointWarning)  # "replacing checkpoint ...": expected here
 
-    def say(*words):
-        print(*words, flush=True)
+    def say(*words):  # one write per line: a background save's thread prints too
+        sys.stdout.write(" ".join(map(str, words)) + "\\n"); sys.stdout.flush()
 
     def model():
         torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckpt_callback import CheckpointHook, CheckpointManager, CheckpointWarning, StorageError
-from conftest import run_python
+from conftest import TrialSpawner
 
 TRAIN = textwrap.dedent(
     """
@@ -37,11 +37,11 @@ TRAIN = textwrap.dedent(
 )
 
 
-def test_resume_in_a_fresh_process_is_exact(tmp_path: Path):
+def test_resume_in_a_fresh_process_is_exact(tmp_path: Path, spawner: TrialSpawner):
     straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
-    run_python(TRAIN, str(tmp_path / "a"), "20", str(straight))
-    run_python(TRAIN, str(tmp_path / "b"), "10", str(tmp_path / "half.pt"))
-    run_python(TRAIN, str(tmp_path / "b"), "20", str(resumed))
+    for root, steps, out in (("a", 20, straight), ("b", 10, tmp_path / "half.pt"), ("b", 20, resumed)):
+        proc = spawner.spawn(TRAIN, str(tmp_path / root), str(steps), str(out))  # a new process each
+        assert proc.wait(120) == 0, proc.describe()
     a, b = torch.load(straight), torch.load(resumed)
     assert b["start"] == 10
     for key, value in a["model"].items():

@@ -121,7 +121,8 @@ def test_sigterm_during_a_background_save_keeps_it_and_saves_the_final_one(
     reached = last_step(proc)
     saved = checkpoints(root)
     assert saved["checkpoint-5"][:2] == ("automatic", 5)  # the save in flight was committed first
-    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}"), proc.describe()
+    final = ("final", reached, f"stopped by SIGTERM at step {reached}")
+    assert saved[f"checkpoint-{reached}"] == final, proc.describe()
     lines = proc.lines()
     written_before = sum(1 for line in lines[: lines.index(f"step {reached}")] if line.startswith("writing"))
     files = len(CheckpointManager(root).get("checkpoint-5").files)
@@ -269,7 +270,8 @@ def test_hf_trainer_sigterm_after_a_request_sigusr1_during_evaluation_and_a_stop
     lines = term_out.read_text().splitlines()
     reached = max(int(line.split()[1]) for line in lines if line.startswith("step "))
     saved = checkpoints(term_root)
-    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}"), proc.describe()
+    final = ("final", reached, f"stopped by SIGTERM at step {reached}")
+    assert saved[f"checkpoint-{reached}"] == final, proc.describe()
     assert saved["asked-mid-run"][0] == "manual" and asked.type == "manual" and asked.step < reached
     assert "train() returned" not in lines
     # SIGUSR1 during the evaluation at step 10: saved there, mid-evaluation, no step 11

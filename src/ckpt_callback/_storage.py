@@ -441,7 +441,6 @@ class Storage:
     def _write_once(self, rel: str, produce: Callable[[Any], T], sync: bool = True) -> T:
         target = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
             with _open_local(target) as local:
                 result = produce(local)
                 local.finish(sync=sync)
@@ -684,16 +683,28 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
 
 @contextlib.contextmanager
 def _open_local(path: str) -> Iterator[_LocalFile]:
-    """Open ``path`` for writing, with O_DIRECT where `DIRECT_IO` is on and the filesystem allows it."""
-    f: _LocalFile
+    """Create ``path`` (and its folders) for writing, with O_DIRECT where `DIRECT_IO` is on and the
+    filesystem allows it."""
     try:
-        f = _DirectFile(path) if DIRECT_IO and hasattr(os, "O_DIRECT") else _LocalFile(path)
-    except OSError:  # e.g. EINVAL on tmpfs: no direct I/O there
-        f = _LocalFile(path)
+        f = _create_local(path)
+    except FileNotFoundError:  # its folder is new (a mkdir per file costs more than this retry)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = _create_local(path)
     try:
         yield f
     finally:
         f.close()
+
+
+def _create_local(path: str) -> _LocalFile:
+    if DIRECT_IO and hasattr(os, "O_DIRECT"):
+        try:
+            return _DirectFile(path)
+        except FileNotFoundError:
+            raise
+        except OSError:  # e.g. EINVAL on tmpfs: no direct I/O there
+            pass
+    return _LocalFile(path)
 
 
 def _write_all(fd: int, view: memoryview) -> int:
