@@ -1,4 +1,5 @@
-"""A full disk: an 8 MiB tmpfs mounted for the test (skipped where mounting is not allowed).
+"""A full disk: an 8 MiB tmpfs, or ext4 on a loop device, mounted for the test (skipped where mounting is
+not allowed).
 
 Scheduled saves and ``evaluate()`` on a full disk must log an error naming the checkpoint and let
 training go on (nothing escapes ``step``/``evaluate``), nothing half-written may be listed, and
@@ -28,24 +29,39 @@ from conftest import sidecarless_folders
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An empty 8 MiB tmpfs, unmounted afterwards."""
-    mountpoint = tmp_path / "disk"
+@contextlib.contextmanager
+def mounted(tmp_path: Path, kind: str, megabytes: int) -> Iterator[Path]:
+    """An empty file system of ``megabytes`` MiB, unmounted afterwards: ``tmpfs``, or ``ext4`` on a loop
+    device (a journal, and O_DIRECT writes, which tmpfs does not have). Skips where mounting is not allowed."""
+    mountpoint = tmp_path / f"disk-{kind}"
     mountpoint.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a small tmpfs for a full disk: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for a full disk (needs root or CAP_SYS_ADMIN): "
-                    f"{done.stderr.strip() or done.returncode}")
+    if kind == "tmpfs":
+        steps = [["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mountpoint)]]
+    else:
+        image = tmp_path / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(megabytes << 20)
+        steps = [["mkfs.ext4", "-q", "-F", str(image)], ["mount", "-o", "loop", str(image), str(mountpoint)]]
+    for command in steps:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot make a small {kind} disk for a full disk: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a small {kind} disk for a full disk (mounting needs root or CAP_SYS_ADMIN, "
+                        f"ext4 a free loop device): {done.stderr.strip() or done.returncode}")
     try:
         yield mountpoint
     finally:
         if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """An empty 8 MiB file system: tmpfs (buffered writes) and ext4 on a loop device (O_DIRECT writes)."""
+    with mounted(tmp_path, request.param, 8) as disk:
+        yield disk
 
 
 def fill(disk: Path) -> Path:
@@ -185,3 +201,25 @@ def test_a_failed_background_save_is_reported_once_and_costs_no_later_save(small
     assert reported_at_once, "a failed background save must be logged when it fails"
     assert "checkpoint-3" in listed, "the save after a failed background save was dropped"
     assert len(reports) == 1, "a failed background save must be reported once"
+
+
+def test_a_large_save_that_does_not_fit_on_ext4_fails_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Weights and optimizer state above 64 MiB are written side by side, each with O_DIRECT from threads
+    of their own: the disk filling up in one of them must fail the save cleanly and free what it wrote."""
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(6)])  # 25 MB, + 50 MB of AdamW state
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    with mounted(tmp_path, "ext4", 56) as disk:
+        root = str(disk / "run")
+        hook = CheckpointHook(root, model, optimizer=opt, every_n_steps=1, keep_last=2, save_on_signals=())
+        assert hook.step(1, loss=1.0) is None  # logged, training goes on
+        assert errors(caplog, "checkpoint-1"), "the failed save must be logged with the checkpoint's name"
+        assert any("No space left on device" in m for m in errors(caplog)), errors(caplog)
+        assert [i.name for i in CheckpointManager(root).list()] == []
+        assert sidecarless_folders(root) == []
+        hook.manager.close()
+        used = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+        assert used < 1 << 20, f"{used} bytes of the failed save are still on the disk"
