@@ -270,8 +270,7 @@ def test_hf_trainer_sigterm_after_a_request_sigusr1_during_evaluation_and_a_stop
     lines = term_out.read_text().splitlines()
     reached = max(int(line.split()[1]) for line in lines if line.startswith("step "))
     saved = checkpoints(term_root)
-    final = ("final", reached, f"stopped by SIGTERM at step {reached}")
-    assert saved[f"checkpoint-{reached}"] == final, proc.describe()
+    assert saved[f"checkpoint-{reached}"] == ("final", reached, f"stopped by SIGTERM at step {reached}")
     assert saved["asked-mid-run"][0] == "manual" and asked.type == "manual" and asked.step < reached
     assert "train() returned" not in lines
     # SIGUSR1 during the evaluation at step 10: saved there, mid-evaluation, no step 11
