@@ -127,22 +127,18 @@ class _HashingReader:
         view[: len(data)] = data
         return len(data)
 
-    def readinto(self, view: memoryview) -> int:
+    def readinto(self, view: memoryview, *, kept: bool = False) -> int:
+        """Read into ``view``, hashed now; ``kept``: the caller leaves that memory unchanged until the
+        stream is checked, so it is hashed later, beside the next reads."""
         view = view[: max(0, self.limit - self.size)]
         n = self._fill(view) if len(view) else 0
         if self.hashing and n:
-            self.digest.update_now(view[:n])
+            (self.digest.update if kept else self.digest.update_now)(view[:n])
         self.size += n
         return n
 
     def readinto_kept(self, view: memoryview) -> int:
-        """`readinto` into memory the caller leaves unchanged until the stream is checked (hashed later)."""
-        view = view[: max(0, self.limit - self.size)]
-        n = self._fill(view) if len(view) else 0
-        if self.hashing and n:
-            self.digest.update(view[:n])
-        self.size += n
-        return n
+        return self.readinto(view, kept=True)
 
     def drain(self) -> None:
         while self.read(_BLOCK):
